@@ -1,0 +1,454 @@
+"""The store commands: ls, show, stats, history, diff, tag, verify, gc, reindex, export, import."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from artifacts.config import INDEX_ENV, STORE_ENV
+from artifacts.table import human_size, human_time, render_table
+
+
+def store_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--store` / `--index` with their environment variables."""
+    func = click.option(
+        "--index",
+        "index_url",
+        envvar=INDEX_ENV,
+        metavar="URL",
+        help=f"Index database URL (default: SQLite next to a local store) [env {INDEX_ENV}].",
+    )(func)
+    return click.option(
+        "--store",
+        "store_url",
+        envvar=STORE_ENV,
+        metavar="URL",
+        help=f"Store path, file://PATH or s3://BUCKET/PREFIX [env {STORE_ENV}].",
+    )(func)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
+def open_store(store_url: str | None, index_url: str | None, create: bool = True):  # type: ignore[no-untyped-def]
+    from artifacts.store import Store  # noqa: PLC0415
+
+    return Store.open(store_url, index_url, create=create)
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def short(digest: str) -> str:
+    return digest.split(":", 1)[-1][:12]
+
+
+@click.command("ls")
+@click.argument("name", required=False)
+@store_options
+@json_option
+def ls_command(
+    name: str | None, store_url: str | None, index_url: str | None, as_json: bool
+) -> None:
+    """List releases (of NAME) with their tags."""
+    from artifacts.inspect import list_releases  # noqa: PLC0415
+
+    with open_store(store_url, index_url) as store:
+        rows = list_releases(store, name)
+    if as_json:
+        emit_json([r.to_json() for r in rows])
+        return
+    if not rows:
+        click.echo(f"no releases{' of ' + name if name else ''} in this store")
+        return
+    click.echo(
+        render_table(
+            ["NAME", "TAGS", "DIGEST", "TARGET", "TASK", "GRAPHS", "SIZE", "CREATED"],
+            [
+                [
+                    r.name,
+                    ",".join(r.tags) or "-",
+                    short(r.digest),
+                    r.target,
+                    r.task,
+                    r.graphs,
+                    human_size(r.size),
+                    r.created[:19],
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+@click.command("stats")
+@store_options
+@json_option
+def stats_command(store_url: str | None, index_url: str | None, as_json: bool) -> None:
+    """Counts and sizes of what the store holds."""
+    from artifacts.inspect import store_stats  # noqa: PLC0415
+
+    with open_store(store_url, index_url) as store:
+        stats = store_stats(store)
+    if as_json:
+        emit_json(stats.to_json())
+        return
+    click.echo(f"store:        {stats.store}\nindex:        {stats.index}")
+    click.echo(f"blobs:        {stats.blobs} ({human_size(stats.bytes)})")
+    click.echo(f"releases:     {stats.releases}\ntags:         {stats.tags}")
+    click.echo(f"compilations: {stats.compilations}\nruns:         {stats.runs}")
+    if stats.by_kind:
+        click.echo("")
+        click.echo(
+            render_table(
+                ["KIND", "BLOBS", "SIZE"],
+                [[k, n, human_size(b)] for k, (n, b) in sorted(stats.by_kind.items())],
+            )
+        )
+
+
+@click.command("show")
+@click.argument("ref")
+@store_options
+@json_option
+def show_command(ref: str, store_url: str | None, index_url: str | None, as_json: bool) -> None:
+    """Show a release (NAME:TAG, NAME@DIGEST, digest or prefix) or any blob by digest."""
+    from artifacts.errors import ReferenceNotFound  # noqa: PLC0415
+    from artifacts.inspect import show_blob, show_release  # noqa: PLC0415
+
+    with open_store(store_url, index_url) as store:
+        try:
+            view = show_release(store, ref)
+        except ReferenceNotFound:
+            digest = store.resolve_blob(ref)
+            blob = show_blob(store, digest)
+            if as_json:
+                emit_json(blob.to_json())
+            else:
+                click.echo(f"blob:     {blob.digest}\nkind:     {blob.kind or 'data'}")
+                click.echo(f"size:     {human_size(blob.size)} ({blob.size} B)")
+                click.echo(f"used by:  {', '.join(blob.referenced_by) or '-'}")
+            return
+    if as_json:
+        emit_json(view.to_json())
+        return
+    r = view.release
+    click.echo(f"release:   {r.name}@{view.digest}")
+    click.echo(f"tags:      {', '.join(view.tags) or '-'}")
+    click.echo(f"target:    {r.target}    task: {r.source.task}    size: {human_size(view.size)}")
+    click.echo(f"arch:      {r.source.architecture_digest}")
+    for w in r.source.weights:
+        click.echo(f"weights:   {w.digest} ({human_size(w.size)})")
+    for f in r.source.files:
+        click.echo(f"file:      {f.name or '-'} {f.digest.short} ({human_size(f.size)})")
+    p = r.provenance
+    click.echo(f"built:     {p.created} by {p.user}@{p.host} with kiln {p.kiln_version}")
+    click.echo("")
+    click.echo(
+        render_table(
+            [
+                "GRAPH",
+                "BUCKET",
+                "FORMAT",
+                "COMPILER",
+                "VERSION",
+                "FLAGS",
+                "EXECUTABLE",
+                "SIZE",
+                "COMPILE",
+            ],
+            [
+                [
+                    g.kind,
+                    g.bucket_label,
+                    g.format,
+                    g.compiler.name,
+                    g.compiler.version,
+                    " ".join(g.compiler.flags) or "-",
+                    g.executable.digest.short,
+                    human_size(g.executable.size),
+                    f"{g.compile_seconds:.1f}s",
+                ]
+                for g in r.graphs
+            ],
+        )
+    )
+
+
+@click.command("history")
+@click.argument("name_tag", metavar="NAME:TAG")
+@store_options
+@json_option
+def history_command(
+    name_tag: str, store_url: str | None, index_url: str | None, as_json: bool
+) -> None:
+    """Every move of a tag, newest first."""
+    with open_store(store_url, index_url) as store:
+        moves = store.history(name_tag)
+    if as_json:
+        emit_json([m.__dict__ for m in moves])
+        return
+    click.echo(
+        render_table(
+            ["WHEN (UTC)", "DIGEST", "PREVIOUS", "WHO", "REASON"],
+            [
+                [
+                    human_time(m.at),
+                    short(m.digest),
+                    short(m.previous) if m.previous else "-",
+                    f"{m.user}@{m.host}",
+                    m.reason or "-",
+                ]
+                for m in moves
+            ],
+        )
+    )
+
+
+@click.command("diff")
+@click.argument("left")
+@click.argument("right")
+@store_options
+@json_option
+def diff_command(
+    left: str, right: str, store_url: str | None, index_url: str | None, as_json: bool
+) -> None:
+    """What changed between two releases: graphs, flags, compiler versions, sizes."""
+    from artifacts.inspect import diff_releases  # noqa: PLC0415
+
+    with open_store(store_url, index_url) as store:
+        a = store.load_release(store.resolve(left).digest)
+        b = store.load_release(store.resolve(right).digest)
+    d = diff_releases(a, b, left, right)
+    if as_json:
+        emit_json(d.to_json())
+        return
+    if d.identical:
+        click.echo(f"{left} and {right}: no differences in {d.unchanged} graphs")
+        return
+    for name, x, y in d.fields:
+        click.echo(f"~ {name}: {x} -> {y}")
+    for g in d.added:
+        click.echo(f"+ {g}")
+    for g in d.removed:
+        click.echo(f"- {g}")
+    for c in d.changed:
+        click.echo(f"~ {c.kind} {c.bucket}: " + "; ".join(c.changes))
+    click.echo(
+        f"{d.unchanged} graphs unchanged; size {human_size(d.size_left)} -> "
+        f"{human_size(d.size_right)}"
+    )
+
+
+@click.command("tag")
+@click.argument("source")
+@click.argument("destination", metavar="NAME:TAG")
+@click.option("--reason", "-m", default="", help="Why the tag moves (kept in its history).")
+@store_options
+@json_option
+def tag_command(
+    source: str,
+    destination: str,
+    reason: str,
+    store_url: str | None,
+    index_url: str | None,
+    as_json: bool,
+) -> None:
+    """Point NAME:TAG at the release SOURCE refers to (a rollback is just this)."""
+    with open_store(store_url, index_url) as store:
+        move = store.tag(source, destination, reason)
+    if as_json:
+        emit_json(move.__dict__)
+        return
+    was = f" (was {short(move.previous)})" if move.previous else ""
+    click.echo(f"{move.name}:{move.tag} -> {move.digest}{was}")
+
+
+@click.command("verify")
+@store_options
+@json_option
+@click.option("--workers", default=4, show_default=True, help="Parallel rehash threads.")
+def verify_command(
+    store_url: str | None, index_url: str | None, as_json: bool, workers: int
+) -> None:
+    """Rehash every blob and check the index against the blobs; exit 1 naming bad digests."""
+    from artifacts.progress import ProgressLine  # noqa: PLC0415
+    from artifacts.verify import verify_store  # noqa: PLC0415
+
+    with open_store(store_url, index_url, create=False) as store:
+        report = verify_store(store, workers, ProgressLine("verify", not as_json))
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        for p in report.problems:
+            click.echo(f"BAD {p.digest}: {p.problem}")
+        if report.unindexed:
+            click.echo(
+                f"note: {len(report.unindexed)} blobs are not in the index"
+                " (`kiln reindex` adds them)"
+            )
+        state = "ok" if report.ok else f"{len(report.bad)} bad"
+        click.echo(f"checked {report.checked} blobs ({human_size(report.bytes)}): {state}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted and the bytes freed.")
+@click.option(
+    "--grace-days",
+    default=7.0,
+    show_default=True,
+    help="Keep releases a tag pointed at, or a run used, within this many days.",
+)
+@click.option(
+    "--min-age-hours",
+    default=1.0,
+    show_default=True,
+    help="Never delete blobs younger than this (writers may be in flight).",
+)
+@store_options
+@json_option
+def gc_command(
+    dry_run: bool,
+    grace_days: float,
+    min_age_hours: float,
+    store_url: str | None,
+    index_url: str | None,
+    as_json: bool,
+) -> None:
+    """Delete blobs no tag, recent tag history or recent run reaches."""
+    from artifacts.gc import GcPolicy, execute_gc, plan_gc  # noqa: PLC0415
+
+    policy = GcPolicy(grace_days * 86400, grace_days * 86400, min_age_hours * 3600)
+    with open_store(store_url, index_url, create=False) as store:
+        plan = plan_gc(store, policy)
+        if dry_run:
+            if as_json:
+                emit_json({"dry_run": True, **plan.to_json()})
+            else:
+                for info in plan.delete:
+                    click.echo(f"would delete {info.digest} ({human_size(info.size)})")
+                click.echo(
+                    f"would free {human_size(plan.bytes)} in {len(plan.delete)} blobs"
+                    f" ({len(plan.manifests)} releases); keeping {plan.kept_blobs} blobs"
+                )
+            return
+        report = execute_gc(store, plan)
+    if as_json:
+        emit_json({"dry_run": False, **report.to_json()})
+    else:
+        click.echo(
+            f"freed {human_size(report.bytes_freed)} in {report.blobs_deleted} blobs"
+            f" ({report.manifests_deleted} releases, {report.compilations_deleted}"
+            " compilations)"
+        )
+
+
+@click.command("reindex")
+@store_options
+@json_option
+def reindex_command(store_url: str | None, index_url: str | None, as_json: bool) -> None:
+    """Rebuild the index from the blobs alone."""
+    from artifacts.progress import ProgressLine  # noqa: PLC0415
+    from artifacts.reindex import reindex  # noqa: PLC0415
+
+    report = reindex(store_url, index_url, ProgressLine("reindex", not as_json))
+    if as_json:
+        emit_json(report.to_json())
+        return
+    click.echo(
+        f"indexed {report.blobs} blobs: {report.releases} releases, {report.tags} tags"
+        f" ({report.tag_events} moves), {report.compilations} compilations,"
+        f" {report.runs} runs"
+    )
+    for s in report.skipped:
+        click.echo(f"skipped {s}")
+
+
+@click.command("export")
+@click.argument("ref")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The tar file to write.",
+)
+@store_options
+@json_option
+def export_command(
+    ref: str, output: Path, store_url: str | None, index_url: str | None, as_json: bool
+) -> None:
+    """Write a release and every blob it references into one tar file."""
+    from artifacts.transfer import export_release  # noqa: PLC0415
+
+    with open_store(store_url, index_url, create=False) as store:
+        report = export_release(store, ref, output)
+    if as_json:
+        emit_json(
+            {
+                "digest": str(report.digest),
+                "ref": report.ref,
+                "blobs": report.blob_count,
+                "bytes": report.bytes,
+                "path": str(report.path),
+            }
+        )
+        return
+    click.echo(
+        f"exported {report.ref} ({report.digest}): {report.blob_count} blobs,"
+        f" {human_size(report.bytes)} -> {report.path}"
+    )
+
+
+@click.command("import")
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--no-tag", is_flag=True, help="Do not move the tags recorded in the archive.")
+@store_options
+@json_option
+def import_command(
+    archive: Path, no_tag: bool, store_url: str | None, index_url: str | None, as_json: bool
+) -> None:
+    """Import an archive made by `kiln export` (every blob verified)."""
+    from artifacts.transfer import import_archive  # noqa: PLC0415
+
+    with open_store(store_url, index_url) as store:
+        report = import_archive(store, archive, tag=not no_tag)
+    if as_json:
+        emit_json(
+            {
+                "releases": [{"ref": r, "digest": str(d)} for r, d in report.releases],
+                "blobs_added": report.blobs_added,
+                "blobs_present": report.blobs_present,
+                "bytes": report.bytes,
+            }
+        )
+        return
+    for r, d in report.releases:
+        click.echo(f"imported {r or '-'} {d}")
+    click.echo(
+        f"{report.blobs_added} blobs added, {report.blobs_present} already present"
+        f" ({human_size(report.bytes)})"
+    )
+
+
+COMMANDS = [
+    ls_command,
+    stats_command,
+    show_command,
+    history_command,
+    diff_command,
+    tag_command,
+    verify_command,
+    gc_command,
+    reindex_command,
+    export_command,
+    import_command,
+]

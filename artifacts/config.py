@@ -1,0 +1,41 @@
+"""Where the store and its index live: flags, then environment, then defaults."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+STORE_ENV = "KILN_STORE"
+INDEX_ENV = "KILN_INDEX_URL"
+CACHE_ENV = "KILN_CACHE_DIR"
+INDEX_FILENAME = "index.db"
+
+
+def user_cache_dir() -> Path:
+    """Kiln's folder under the user's cache directory (XDG_CACHE_HOME or ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kiln"
+
+
+def resolve_store_url(flag: str | None = None) -> str:
+    return flag or os.environ.get(STORE_ENV) or str(user_cache_dir() / "store")
+
+
+def is_local_url(store_url: str) -> bool:
+    return "://" not in store_url or store_url.startswith("file://")
+
+
+def local_path(store_url: str) -> Path:
+    return Path(store_url.removeprefix("file://")).expanduser().absolute()
+
+
+def resolve_index_url(store_url: str, flag: str | None = None) -> str:
+    """SQLite next to a local store; for a remote store, a local SQLite keyed by its URL."""
+    explicit = flag or os.environ.get(INDEX_ENV)
+    if explicit:
+        return explicit
+    if is_local_url(store_url):
+        return f"sqlite:///{local_path(store_url) / INDEX_FILENAME}"
+    key = hashlib.sha256(store_url.encode()).hexdigest()[:16]
+    return f"sqlite:///{user_cache_dir() / 'indexes' / key / INDEX_FILENAME}"

@@ -1,0 +1,74 @@
+"""The store's exceptions: each names the digest, path, field or reference at fault."""
+
+from __future__ import annotations
+
+
+class ArtifactError(Exception):
+    """Root of every error raised by the artifact store."""
+
+
+class InvalidDigest(ArtifactError, ValueError):
+    """A string that is not a valid `sha256:<hex>` digest."""
+
+
+class BlobNotFound(ArtifactError, KeyError):
+    """The store has no blob with this digest."""
+
+    def __init__(self, digest: object, where: str = "") -> None:
+        self.digest = str(digest)
+        suffix = f" in {where}" if where else ""
+        super().__init__(f"blob {self.digest} not found{suffix}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class BlobCorrupted(ArtifactError):
+    """Bytes read back do not hash to the digest they are stored under."""
+
+    def __init__(self, digest: object, actual: object, path: str) -> None:
+        self.digest = str(digest)
+        self.actual = str(actual)
+        self.path = path
+        super().__init__(
+            f"blob {self.digest} is corrupted: content at {path} hashes to {self.actual}"
+            " (run `kiln verify`; re-push or restore the blob)"
+        )
+
+
+class SizeMismatch(ArtifactError):
+    """A blob's bytes are not as long as declared."""
+
+
+class InvalidManifest(ArtifactError, ValueError):
+    """A release manifest failed validation; the message names the field."""
+
+
+class InvalidReference(ArtifactError, ValueError):
+    """A reference string that cannot be parsed."""
+
+
+class ReferenceNotFound(ArtifactError, KeyError):
+    """A well-formed reference that matches nothing in the store."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class AmbiguousReference(ArtifactError, ValueError):
+    """A digest prefix that matches more than one manifest."""
+
+
+class StoreConfigError(ArtifactError, ValueError):
+    """A store URL or index URL that cannot be used."""
+
+
+class StoreIndexError(ArtifactError):
+    """The SQL index is unreadable, corrupt or from a newer Kiln."""
+
+
+class ArchiveError(ArtifactError):
+    """An export archive that is malformed or unsafe to import."""

@@ -1,0 +1,1 @@
+"""The SQL index: a rebuildable copy of what the blobs say, for fast queries."""

@@ -1,0 +1,134 @@
+"""Opening the index: engine set-up, schema check and migrations, write transactions."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
+
+from artifacts.errors import StoreConfigError, StoreIndexError
+
+HEAD_REVISION = "0001"
+KNOWN_REVISIONS = ("0001",)
+SQLITE_BUSY_TIMEOUT_S = 120
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite:///"):
+        return None
+    rest = url.removeprefix("sqlite:///")
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE for writes."""
+    try:
+        if url.startswith("sqlite"):
+            path = _sqlite_path(url)
+            if path is not None:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreConfigError(
+                        f"index {path}: cannot create folder: {exc.strerror}"
+                    ) from None
+            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+            _configure_sqlite(engine)
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+    except (ImportError, SQLAlchemyError, ValueError) as exc:
+        if isinstance(exc, StoreConfigError):
+            raise
+        raise StoreConfigError(f"cannot use index URL {url!r}: {exc}") from None
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = "IMMEDIATE" if conn.get_execution_options().get("kiln_write") else "DEFERRED"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def current_revision(conn: Connection) -> str | None:
+    try:
+        row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    except (OperationalError, DatabaseError) as exc:
+        if "alembic_version" in str(exc) or "does not exist" in str(exc):
+            conn.rollback()
+            return None
+        raise
+    return row[0] if row else None
+
+
+def ensure_schema(engine: Engine, url: str) -> None:
+    """Create or migrate the schema; refuse a corrupt index or one from a newer Kiln."""
+    try:
+        with engine.connect() as conn:
+            revision = current_revision(conn)
+            conn.rollback()
+        if revision == HEAD_REVISION:
+            return
+        if revision is not None and revision not in KNOWN_REVISIONS:
+            raise StoreIndexError(
+                f"index {display_url(url)} has schema revision {revision}, newer than this Kiln"
+                f" supports ({HEAD_REVISION}); upgrade kiln"
+            )
+        upgrade(engine)
+    except StoreIndexError:
+        raise
+    except DatabaseError as exc:
+        raise StoreIndexError(
+            f"index {display_url(url)} is unreadable or corrupt ({_short(exc)});"
+            " rebuild it with `kiln reindex`"
+        ) from None
+    except OperationalError as exc:
+        raise StoreIndexError(f"index {display_url(url)}: {_short(exc)}") from None
+
+
+def upgrade(engine: Engine) -> None:
+    from alembic import command  # noqa: PLC0415 - alembic only when a migration is due
+    from alembic.config import Config  # noqa: PLC0415
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent.parent / "migrations"))
+    with engine.connect().execution_options(kiln_write=True) as conn:
+        if conn.dialect.name == "postgresql":  # serialise concurrent first opens
+            conn.execute(text("SELECT pg_advisory_xact_lock(7311)"))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+        conn.commit()
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that holds the write lock from its start (serialises tag moves)."""
+    with engine.connect().execution_options(kiln_write=True) as conn:
+        with conn.begin():
+            yield conn
+
+
+def display_url(url: str) -> str:
+    path = _sqlite_path(url)
+    if path is not None:
+        return str(path)
+    if "@" in url:  # hide credentials
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _short(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig or exc).splitlines()[0]

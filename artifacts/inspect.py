@@ -1,0 +1,278 @@
+"""Read-only reports over a store: listing, statistics, one release, and release diffs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from artifacts.digest import Digest
+from artifacts.index.models import (
+    BlobRow,
+    CompilationRow,
+    ManifestRow,
+    RunRow,
+    TagRow,
+)
+from artifacts.manifest import Graph, Release
+from artifacts.store import Store
+
+
+@dataclass(frozen=True)
+class ReleaseSummary:
+    digest: str
+    name: str
+    target: str
+    task: str
+    graphs: int
+    size: int
+    created: str
+    tags: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "tags": list(self.tags)}
+
+
+def list_releases(store: Store, name: str | None = None) -> list[ReleaseSummary]:
+    """Every release (optionally of one model), newest first, with the tags on it."""
+    with store.engine.connect() as conn:
+        query = select(
+            ManifestRow.digest,
+            ManifestRow.name,
+            ManifestRow.target,
+            ManifestRow.task,
+            ManifestRow.graph_count,
+            ManifestRow.total_size,
+            ManifestRow.created,
+        ).order_by(ManifestRow.name, ManifestRow.created.desc())
+        tag_query = select(TagRow.digest, TagRow.name, TagRow.tag)
+        if name:
+            query = query.where(ManifestRow.name == name)
+            tag_query = tag_query.where(TagRow.name == name)
+        tags: dict[str, list[str]] = defaultdict(list)
+        for digest, tag_name, tag in conn.execute(tag_query):
+            tags[digest].append(f"{tag_name}:{tag}" if tag_name != name else tag)
+        return [
+            ReleaseSummary(d, n, t, k, g, s, c, tuple(sorted(tags.get(d, ()))))
+            for d, n, t, k, g, s, c in conn.execute(query)
+        ]
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    store: str
+    index: str
+    blobs: int
+    bytes: int
+    releases: int
+    tags: int
+    compilations: int
+    runs: int
+    by_kind: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["by_kind"] = {k: {"blobs": n, "bytes": b} for k, (n, b) in self.by_kind.items()}
+        return out
+
+
+def store_stats(store: Store) -> StoreStats:
+    """Counts and sizes from the index (fast: aggregates, no walk of the blobs)."""
+    from artifacts.index.db import display_url  # noqa: PLC0415
+
+    with store.engine.connect() as conn:
+        by_kind = {
+            (kind or "data"): (n, int(b or 0))
+            for kind, n, b in conn.execute(
+                select(BlobRow.kind, func.count(), func.sum(BlobRow.size)).group_by(BlobRow.kind)
+            )
+        }
+        count = lambda model: conn.execute(select(func.count()).select_from(model)).scalar_one()  # noqa: E731
+        return StoreStats(
+            store=store.backend.url,
+            index=display_url(store.index_url),
+            blobs=sum(n for n, _ in by_kind.values()),
+            bytes=sum(b for _, b in by_kind.values()),
+            releases=count(ManifestRow),
+            tags=count(TagRow),
+            compilations=count(CompilationRow),
+            runs=count(RunRow),
+            by_kind=by_kind,
+        )
+
+
+@dataclass(frozen=True)
+class ReleaseView:
+    digest: Digest
+    release: Release
+    tags: tuple[str, ...]
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": str(self.digest),
+            "tags": list(self.tags),
+            "size": self.size,
+            "manifest": self.release.to_json(),
+        }
+
+
+def show_release(store: Store, ref: str) -> ReleaseView:
+    digest = store.resolve(ref).digest
+    release = store.load_release(digest)
+    with store.engine.connect() as conn:
+        tags = tuple(
+            f"{n}:{t}"
+            for n, t in conn.execute(
+                select(TagRow.name, TagRow.tag).where(TagRow.digest == str(digest))
+            )
+        )
+        size = conn.execute(
+            select(ManifestRow.total_size).where(ManifestRow.digest == str(digest))
+        ).scalar_one_or_none()
+    return ReleaseView(digest, release, tags, size or release.total_size)
+
+
+@dataclass(frozen=True)
+class BlobView:
+    digest: Digest
+    size: int
+    kind: str | None
+    referenced_by: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": str(self.digest),
+            "size": self.size,
+            "kind": self.kind,
+            "referenced_by": list(self.referenced_by),
+        }
+
+
+def show_blob(store: Store, digest: Digest) -> BlobView:
+    from artifacts.errors import BlobNotFound  # noqa: PLC0415
+    from artifacts.index.models import ManifestBlobRow  # noqa: PLC0415
+
+    info = store.backend.stat(digest)
+    if info is None:
+        raise BlobNotFound(digest, store.backend.url)
+    with store.engine.connect() as conn:
+        kind = conn.execute(select(BlobRow.kind).where(BlobRow.digest == str(digest))).scalar()
+        refs = tuple(
+            f"{n}@{Digest.parse(d).short} ({role})"
+            for n, d, role in conn.execute(
+                select(ManifestRow.name, ManifestRow.digest, ManifestBlobRow.role)
+                .join(ManifestRow, ManifestRow.digest == ManifestBlobRow.manifest_digest)
+                .where(ManifestBlobRow.blob_digest == str(digest))
+            )
+        )
+    return BlobView(digest, info.size, kind, refs)
+
+
+@dataclass(frozen=True)
+class GraphChange:
+    kind: str
+    bucket: str
+    changes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReleaseDiff:
+    left: str
+    right: str
+    fields: tuple[tuple[str, str, str], ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[GraphChange, ...]
+    unchanged: int
+    size_left: int
+    size_right: int
+
+    @property
+    def identical(self) -> bool:
+        return not (self.fields or self.added or self.removed or self.changed)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "left": self.left,
+            "right": self.right,
+            "fields": [{"field": f, "left": a, "right": b} for f, a, b in self.fields],
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "changed": [
+                {"graph": f"{c.kind} {c.bucket}", "changes": list(c.changes)} for c in self.changed
+            ],
+            "unchanged": self.unchanged,
+            "size_left": self.size_left,
+            "size_right": self.size_right,
+        }
+
+
+def _graph_label(g: Graph) -> str:
+    return f"{g.kind} {g.bucket_label}"
+
+
+def _graph_changes(a: Graph, b: Graph) -> list[str]:
+    out = []
+    if a.compiler.name != b.compiler.name:
+        out.append(f"compiler {a.compiler.name} -> {b.compiler.name}")
+    if a.compiler.version != b.compiler.version:
+        out.append(f"compiler version {a.compiler.version} -> {b.compiler.version}")
+    if a.compiler.flags != b.compiler.flags:
+        out.append(
+            f"flags {' '.join(a.compiler.flags) or '(none)'} -> "
+            f"{' '.join(b.compiler.flags) or '(none)'}"
+        )
+    if a.hlo.digest != b.hlo.digest:
+        out.append(f"hlo {a.hlo.digest.short} -> {b.hlo.digest.short}")
+    if a.executable.digest != b.executable.digest:
+        out.append(
+            f"executable {a.executable.digest.short} ({a.executable.size} B) -> "
+            f"{b.executable.digest.short} ({b.executable.size} B)"
+        )
+    if a.format != b.format:
+        out.append(f"format {a.format} -> {b.format}")
+    return out
+
+
+def diff_releases(left: Release, right: Release, left_ref: str, right_ref: str) -> ReleaseDiff:
+    """Graphs added/removed/changed (flags, compiler versions, digests, sizes) and top fields."""
+    fields = []
+    for name, a, b in (
+        ("name", left.name, right.name),
+        ("target", left.target, right.target),
+        ("task", left.source.task, right.source.task),
+        ("architecture", left.source.architecture_digest, right.source.architecture_digest),
+        (
+            "weights",
+            ",".join(str(w.digest.short) for w in left.source.weights),
+            ",".join(str(w.digest.short) for w in right.source.weights),
+        ),
+    ):
+        if a != b:
+            fields.append((name, a, b))
+    lg = {g.identity: g for g in left.graphs}
+    rg = {g.identity: g for g in right.graphs}
+    added = tuple(_graph_label(rg[k]) for k in sorted(rg.keys() - lg.keys()))
+    removed = tuple(_graph_label(lg[k]) for k in sorted(lg.keys() - rg.keys()))
+    changed = []
+    unchanged = 0
+    for key in sorted(lg.keys() & rg.keys()):
+        changes = _graph_changes(lg[key], rg[key])
+        if changes:
+            changed.append(GraphChange(key[0], key[1], tuple(changes)))
+        else:
+            unchanged += 1
+    return ReleaseDiff(
+        left_ref,
+        right_ref,
+        tuple(fields),
+        added,
+        removed,
+        tuple(changed),
+        unchanged,
+        left.total_size,
+        right.total_size,
+    )

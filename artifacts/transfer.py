@@ -1,0 +1,542 @@
+"""Moving releases between stores without a network: one OCI-image-layout-like tar file.
+
+Layout inside the archive::
+
+    oci-layout                 {"imageLayoutVersion": "1.0.0"}
+    index.json                 an OCI image index listing the release manifests
+    blobs/sha256/<hex>         the manifests and every blob they reference
+
+Export streams each blob out of the store through its verifying reader and writes the archive
+atomically. Import trusts nothing in the archive: member names and types are checked against
+that layout, every blob is hashed while it is stored, and releases are registered only once
+all their blobs are in, with tags moved last of all.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from artifacts.backends.base import PutResult
+from artifacts.digest import ALGORITHM, Digest, canonical_json
+from artifacts.errors import (
+    ArchiveError,
+    BlobCorrupted,
+    BlobNotFound,
+    InvalidManifest,
+    InvalidReference,
+    ReferenceNotFound,
+    SizeMismatch,
+)
+from artifacts.manifest import RELEASE_MEDIA_TYPE, Release
+from artifacts.records import SNIFF_LIMIT
+from artifacts.refs import TagName, parse_tag_name
+from artifacts.store import Store
+
+OCI_LAYOUT_VERSION = "1.0.0"
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+RELEASE_NAME_ANNOTATION = "io.kiln.release.name"
+
+LAYOUT_MEMBER = "oci-layout"
+INDEX_MEMBER = "index.json"
+BLOB_DIR = f"blobs/{ALGORITHM}"
+_DIRECTORY_MEMBERS = frozenset({"blobs", BLOB_DIR})  # tarfile strips the trailing slash
+_BLOB_MEMBER = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
+
+DOCUMENT_LIMIT = 1024 * 1024
+MANIFEST_LIMIT = SNIFF_LIMIT
+COPY_BUFSIZE = 1024 * 1024
+TEMP_SUFFIX = ".incomplete"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What `export_release` wrote: the release, how many blobs, the archive's size in bytes."""
+
+    digest: Digest
+    ref: str
+    blob_count: int
+    bytes: int
+    path: Path
+
+    @property
+    def summary_str(self) -> str:
+        return (
+            f"exported {self.ref} ({self.digest.short}): {self.blob_count} blobs,"
+            f" {self.bytes} bytes to {self.path}"
+        )
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What `import_archive` did.
+
+    `releases` holds (the `name:tag` moved, or None when no tag was moved; manifest digest).
+    Blob counts include the manifests; `bytes` is what was newly written to the store.
+    """
+
+    releases: tuple[tuple[str | None, Digest], ...]
+    blobs_added: int
+    blobs_present: int
+    bytes: int
+
+    @property
+    def summary_str(self) -> str:
+        names = ", ".join(ref or str(digest) for ref, digest in self.releases)
+        return (
+            f"imported {names}: {self.blobs_added} blobs added ({self.bytes} bytes),"
+            f" {self.blobs_present} already present"
+        )
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def export_release(
+    store: Store, ref: str, out_path: Path, include_tag: bool = True
+) -> ExportReport:
+    """Write the release `ref` resolves to, and every blob it references, to a tar file.
+
+    Blobs are streamed through the store's verifying reader, so a corrupt blob fails the
+    export (naming its digest). The archive appears at `out_path` whole or not at all.
+    """
+    out_path = Path(out_path)
+    resolved = store.resolve(ref)
+    digest = resolved.digest
+    manifest = store.read_bytes(digest)
+    release = Release.from_bytes(manifest, source=f"manifest {digest}")
+    blobs = _export_plan(store, release)
+    tag_ref = (
+        f"{resolved.name}:{resolved.tag}"
+        if include_tag and resolved.name is not None and resolved.tag is not None
+        else None
+    )
+    index = _index_document(digest, len(manifest), release.name, tag_ref)
+
+    with _atomic_file(out_path) as out:
+        with tarfile.open(
+            fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFSIZE
+        ) as tar:
+            _add_bytes(
+                tar, LAYOUT_MEMBER, canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION})
+            )
+            _add_bytes(tar, INDEX_MEMBER, canonical_json(index))
+            for directory in ("blobs", BLOB_DIR):
+                tar.addfile(_tar_info(directory, 0, tarfile.DIRTYPE, 0o755))
+            _add_bytes(tar, _blob_member(digest), manifest)
+            for blob, size in blobs:
+                _add_blob(tar, store, blob, size)
+    return ExportReport(
+        digest=digest,
+        ref=ref,
+        blob_count=len(blobs) + 1,
+        bytes=out_path.stat().st_size,
+        path=out_path,
+    )
+
+
+def _export_plan(store: Store, release: Release) -> list[tuple[Digest, int]]:
+    """The release's distinct blobs with their sizes, checked against what the store holds."""
+    plan: dict[Digest, int] = {}
+    for role, ref in release.blob_refs():
+        if ref.digest in plan:
+            continue
+        info = store.backend.stat(ref.digest)
+        if info is None:
+            raise BlobNotFound(ref.digest, f"{store.backend.url} (the release's {role})")
+        if info.size != ref.size:
+            raise SizeMismatch(
+                f"blob {ref.digest} at {store.backend.location(ref.digest)} is {info.size}"
+                f" bytes, release {release.name} says {ref.size} (run `kiln verify`)"
+            )
+        plan[ref.digest] = ref.size
+    return list(plan.items())
+
+
+def _index_document(digest: Digest, size: int, name: str, tag_ref: str | None) -> dict[str, Any]:
+    annotations = {RELEASE_NAME_ANNOTATION: name}
+    if tag_ref is not None:
+        annotations[REF_NAME_ANNOTATION] = tag_ref
+    return {
+        "schemaVersion": 2,
+        "mediaType": INDEX_MEDIA_TYPE,
+        "manifests": [
+            {
+                "mediaType": RELEASE_MEDIA_TYPE,
+                "digest": str(digest),
+                "size": size,
+                "annotations": annotations,
+            }
+        ],
+    }
+
+
+def _blob_member(digest: Digest) -> str:
+    return f"{BLOB_DIR}/{digest.hex}"
+
+
+def _tar_info(
+    name: str, size: int, kind: bytes = tarfile.REGTYPE, mode: int = 0o444
+) -> tarfile.TarInfo:
+    # Fixed owner and time so the same release always exports to the same bytes.
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size
+    info.mode = mode
+    info.mtime = 0
+    return info
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+
+
+def _add_blob(tar: tarfile.TarFile, store: Store, digest: Digest, size: int) -> None:
+    with store.open_blob(digest) as reader:
+        tar.addfile(_tar_info(_blob_member(digest), size), _FullReads(reader))
+        # tarfile reads exactly `size` bytes; reaching EOF is what makes the reader verify.
+        if reader.read(1):
+            raise SizeMismatch(
+                f"blob {digest} at {store.backend.location(digest)} is longer than {size} bytes"
+            )
+
+
+class _FullReads:
+    """Makes `read(n)` return n bytes unless the stream ends (tarfile treats less as EOF)."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self._stream.read()
+        parts: list[bytes] = []
+        remaining = size
+        while remaining > 0:
+            chunk = self._stream.read(remaining)
+            if not chunk:
+                break
+            parts.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(parts)
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A temp file beside `path`, fsynced and renamed into place if the block succeeds."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX
+        )
+    except OSError as exc:
+        raise ArchiveError(f"cannot write archive {path}: {exc.strerror}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- import ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One release listed in an archive's index.json, validated but not yet stored."""
+
+    digest: Digest
+    release: Release
+    tag: TagName | None
+
+
+def import_archive(store: Store, archive: Path, tag: bool = True) -> ImportReport:
+    """Import every release in an archive made by `export_release` into `store`.
+
+    Nothing is written until the whole archive has been checked (names, member types,
+    index, manifests); then blobs are stored (each hashed against its name), then releases
+    are registered, then, if `tag`, the tags named in the index are moved.
+    """
+    archive = Path(archive)
+    try:
+        tar = tarfile.open(archive, mode="r:")
+    except FileNotFoundError:
+        raise ArchiveError(f"archive {archive} does not exist") from None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ArchiveError(f"cannot import {archive}: not a readable tar archive ({exc})") from None
+    with tar:
+        importer = _Importer(store, archive, tar)
+        entries = importer.plan()
+        return importer.apply(entries, tag)
+
+
+class _Importer:
+    def __init__(self, store: Store, archive: Path, tar: tarfile.TarFile) -> None:
+        self.store = store
+        self.archive = archive
+        self.tar = tar
+        self.members: dict[str, tarfile.TarInfo] = {}
+        self.blobs: dict[Digest, tarfile.TarInfo] = {}
+
+    def fail(self, member: str, problem: str) -> ArchiveError:
+        return ArchiveError(f"cannot import {self.archive}: member {member!r} {problem}")
+
+    # -- checking (writes nothing) -------------------------------------------------------------
+    def plan(self) -> list[_Entry]:
+        self._load_members()
+        self._check_layout()
+        entries = self._read_index()
+        referenced: set[Digest] = set()
+        for entry in entries:
+            referenced.add(entry.digest)
+            for role, ref in entry.release.blob_refs():
+                referenced.add(ref.digest)
+                member = self.blobs.get(ref.digest)
+                if member is not None:
+                    size = member.size
+                else:
+                    info = self.store.backend.stat(ref.digest)
+                    if info is None:
+                        raise self.fail(
+                            _blob_member(ref.digest),
+                            f"is missing: release {entry.release.name} references it as {role}"
+                            " and the target store does not have it",
+                        )
+                    size = info.size
+                if size != ref.size:
+                    raise self.fail(
+                        _blob_member(ref.digest),
+                        f"is {size} bytes; release {entry.release.name} says {ref.size}",
+                    )
+        for digest, member in self.blobs.items():
+            if digest not in referenced:
+                raise self.fail(member.name, "is not referenced by any release in index.json")
+        return entries
+
+    def _load_members(self) -> None:
+        try:
+            members = self.tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ArchiveError(
+                f"cannot import {self.archive}: it is truncated or damaged ({exc})"
+            ) from None
+        for member in members:
+            self._check_member(member)
+            if member.name in self.members:
+                raise self.fail(member.name, "appears more than once")
+            self.members[member.name] = member
+            match = _BLOB_MEMBER.match(member.name)
+            if match and member.isreg():
+                self.blobs[Digest(ALGORITHM, match.group(1))] = member
+        self._check_end_marker()
+
+    def _check_member(self, member: tarfile.TarInfo) -> None:
+        name = member.name
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+            raise self.fail(name, "has an absolute path")
+        if ".." in parts:
+            raise self.fail(name, "has a '..' component")
+        if member.issym():
+            raise self.fail(name, f"is a symbolic link (to {member.linkname!r})")
+        if member.islnk():
+            raise self.fail(name, f"is a hard link (to {member.linkname!r})")
+        if member.ischr() or member.isblk():
+            raise self.fail(name, "is a device file")
+        if member.isfifo():
+            raise self.fail(name, "is a FIFO")
+        if member.issparse() or not (member.isreg() or member.isdir()):
+            raise self.fail(name, "is not a regular file or directory")
+        if member.isdir():
+            expected = name in _DIRECTORY_MEMBERS
+        else:
+            expected = name in (LAYOUT_MEMBER, INDEX_MEMBER) or bool(_BLOB_MEMBER.match(name))
+        if not expected:
+            raise self.fail(
+                name,
+                "is unexpected: an archive holds only oci-layout, index.json and"
+                " blobs/sha256/<64 lowercase hex>",
+            )
+
+    def _check_end_marker(self) -> None:
+        # tarfile stops quietly at a missing header, so a file cut at a member boundary looks
+        # like a shorter archive; the two zero blocks that end every tar file tell them apart.
+        marker = 2 * tarfile.BLOCKSIZE
+        with open(self.archive, "rb") as raw:
+            raw.seek(self.tar.offset)
+            end = raw.read(marker)
+        if len(end) != marker or end.count(0) != marker:
+            last = f" after member {self.tar.members[-1].name!r}" if self.tar.members else ""
+            raise ArchiveError(
+                f"cannot import {self.archive}: it is truncated (no end-of-archive marker{last})"
+            )
+
+    def _read_member(self, name: str, limit: int) -> bytes:
+        member = self.members.get(name)
+        if member is None or not member.isreg():
+            raise ArchiveError(f"cannot import {self.archive}: it has no {name!r} member")
+        if member.size > limit:
+            raise self.fail(name, f"is {member.size} bytes, more than the {limit} allowed")
+        try:
+            stream = self.tar.extractfile(member)
+            assert stream is not None
+            with stream:
+                return stream.read()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise self.fail(name, f"cannot be read (archive truncated?): {exc}") from None
+
+    def _read_json(self, name: str) -> dict[str, Any]:
+        data = self._read_member(name, DOCUMENT_LIMIT)
+        try:
+            value = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self.fail(name, f"is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise self.fail(name, "is not a JSON object")
+        return value
+
+    def _check_layout(self) -> None:
+        layout = self._read_json(LAYOUT_MEMBER)
+        version = layout.get("imageLayoutVersion")
+        if version != OCI_LAYOUT_VERSION:
+            raise self.fail(
+                LAYOUT_MEMBER,
+                f"has imageLayoutVersion {version!r}; expected {OCI_LAYOUT_VERSION!r}",
+            )
+
+    def _read_index(self) -> list[_Entry]:
+        index = self._read_json(INDEX_MEMBER)
+        if index.get("schemaVersion") != 2:
+            raise self.fail(INDEX_MEMBER, f"has schemaVersion {index.get('schemaVersion')!r}")
+        manifests = index.get("manifests")
+        if not isinstance(manifests, list) or not manifests:
+            raise self.fail(INDEX_MEMBER, "lists no manifests")
+        return [self._read_entry(i, value) for i, value in enumerate(manifests)]
+
+    def _read_entry(self, i: int, value: Any) -> _Entry:
+        where = f"manifests[{i}]"
+        if not isinstance(value, dict):
+            raise self.fail(INDEX_MEMBER, f"{where} is not an object")
+        if value.get("mediaType") != RELEASE_MEDIA_TYPE:
+            raise self.fail(
+                INDEX_MEMBER,
+                f"{where}.mediaType is {value.get('mediaType')!r}; expected {RELEASE_MEDIA_TYPE}",
+            )
+        try:
+            digest = Digest.parse(value.get("digest", ""))
+        except ValueError as exc:
+            raise self.fail(INDEX_MEMBER, f"{where}.digest: {exc}") from None
+        size = value.get("size")
+        annotations = value.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise self.fail(INDEX_MEMBER, f"{where}.annotations is not an object")
+
+        name = _blob_member(digest)
+        data = self._read_member(name, MANIFEST_LIMIT)
+        if len(data) != size:
+            raise self.fail(name, f"is {len(data)} bytes; index.json says {size!r}")
+        actual = Digest.of_bytes(data)
+        if actual != digest:
+            raise self.fail(name, f"does not hash to its name (content is {actual})")
+        try:
+            release = Release.from_bytes(data, source=f"{self.archive}:{name}")
+        except InvalidManifest as exc:
+            raise self.fail(name, f"is not a valid release manifest: {exc}") from None
+        if Digest.of_bytes(release.to_bytes()) != digest:
+            raise self.fail(name, "is not in canonical form; re-export it with kiln")
+        release_name = annotations.get(RELEASE_NAME_ANNOTATION)
+        if release_name is not None and release_name != release.name:
+            raise self.fail(
+                INDEX_MEMBER,
+                f"{where} names release {release_name!r} but its manifest is {release.name!r}",
+            )
+        ref = annotations.get(REF_NAME_ANNOTATION)
+        tag: TagName | None = None
+        if ref is not None:
+            try:
+                tag = parse_tag_name(str(ref))
+            except InvalidReference as exc:
+                raise self.fail(INDEX_MEMBER, f"{where}: {exc}") from None
+        return _Entry(digest, release, tag)
+
+    # -- writing: blobs, then releases, then tags ----------------------------------------------
+    def apply(self, entries: list[_Entry], tag: bool) -> ImportReport:
+        manifests = {entry.digest for entry in entries}
+        added = present = written = 0
+        for digest, member in self.blobs.items():
+            if digest in manifests:
+                continue  # put_release stores the manifest itself, after its blobs
+            result = self._put_blob(digest, member)
+            if result.created:
+                added += 1
+                written += result.size
+            else:
+                present += 1
+
+        for digest in manifests:
+            if self.store.has_blob(digest):
+                present += 1
+            else:
+                added += 1
+                written += self.blobs[digest].size
+        for entry in entries:
+            stored = self.store.put_release(entry.release)
+            if stored != entry.digest:
+                raise self.fail(
+                    _blob_member(entry.digest), f"was stored as {stored}; the archive is damaged"
+                )
+
+        releases: list[tuple[str | None, Digest]] = []
+        for entry in entries:
+            moved: str | None = None
+            if tag and entry.tag is not None:
+                moved = str(entry.tag)
+                if self._tag_target(entry.tag) != entry.digest:
+                    self.store.move_tag(
+                        entry.tag, entry.digest, reason=f"import {self.archive.name}"
+                    )
+            releases.append((moved, entry.digest))
+        return ImportReport(tuple(releases), added, present, written)
+
+    def _put_blob(self, digest: Digest, member: tarfile.TarInfo) -> PutResult:
+        try:
+            stream = self.tar.extractfile(member)
+            assert stream is not None
+            with stream:
+                return self.store.put_stream(stream, expected=digest)
+        except BlobCorrupted as exc:
+            raise self.fail(
+                member.name, f"does not hash to its name (content is {exc.actual})"
+            ) from None
+        except (tarfile.TarError, EOFError) as exc:
+            raise self.fail(member.name, f"cannot be read (archive truncated?): {exc}") from None
+
+    def _tag_target(self, name: TagName) -> Digest | None:
+        try:
+            return self.store.resolve(str(name)).digest
+        except ReferenceNotFound:
+            return None

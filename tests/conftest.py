@@ -1,0 +1,76 @@
+"""Shared fixtures: real stores on disk under tmp_path."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from artifacts.digest import Digest
+from artifacts.manifest import BlobRef, CompilerInfo, Graph, Provenance, Release, Source
+from artifacts.store import Store
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(store_dir: Path):  # type: ignore[no-untyped-def]
+    with Store.open(str(store_dir)) as s:
+        yield s
+
+
+def build_release(
+    store: Store,
+    name: str = "m",
+    seqs: tuple[int, ...] = (32, 64),
+    flags: tuple[str, ...] = (),
+    compiler_version: str = "test-1",
+    weights: bytes = b"weights",
+) -> Release:
+    """A small but complete release whose blobs are all in `store`."""
+
+    def put(data: bytes) -> BlobRef:
+        result = store.put_bytes(data)
+        return BlobRef(result.digest, result.size)
+
+    graphs = tuple(
+        Graph(
+            kind="encode",
+            bucket={"batch": 1, "seq": seq},
+            signature={"inputs": [], "outputs": []},
+            hlo=put(f"hlo {name} {seq}".encode()),
+            executable=put(f"exe {name} {seq} {flags} {compiler_version}".encode()),
+            format="xla-cpu",
+            compiler=CompilerInfo("xla-cpu", compiler_version, flags),
+            hlo_key=f"key-{seq}",
+            compile_seconds=0.5,
+            log=put(f"log {seq}".encode()),
+        )
+        for seq in seqs
+    )
+    return Release(
+        name=name,
+        target="cpu",
+        source=Source("encoder", "arch-1", {"hidden": 8}, (put(weights),)),
+        graphs=graphs,
+        provenance=Provenance("0.1.0", dt.datetime.now(dt.UTC).isoformat(), "h", "u"),
+    )
+
+
+@pytest.fixture
+def make_release(store: Store) -> Callable[..., Digest]:
+    def make(tag: str | None = None, **kwargs: object) -> Digest:
+        digest = store.put_release(build_release(store, **kwargs))  # type: ignore[arg-type]
+        if tag:
+            store.tag(str(digest), tag)
+        return digest
+
+    return make
