@@ -63,6 +63,7 @@ class Graph:
     hlo_key: str
     compile_seconds: float = 0.0
     log: BlobRef | None = None
+    direct_key: str | None = None
 
     @property
     def bucket_label(self) -> str:
@@ -86,6 +87,8 @@ class Graph:
         }
         if self.log is not None:
             out["log"] = self.log.to_json()
+        if self.direct_key is not None:
+            out["direct_key"] = self.direct_key
         return out
 
     @classmethod
@@ -109,6 +112,7 @@ class Graph:
             hlo_key=r.text("hlo_key"),
             compile_seconds=r.number("compile_seconds", required=False) or 0.0,
             log=BlobRef.read(log) if log else None,
+            direct_key=r.get("direct_key", str, required=False),
         )
 
 

@@ -148,6 +148,7 @@ class Store:
         roles: dict[str, str] = {}
         for role, ref in release.blob_refs():
             roles.setdefault(str(ref.digest), role)
+        ops.record_recipes(conn, release)
         ops.insert_ignore(
             conn,
             ManifestBlobRow.__table__,  # type: ignore[arg-type]

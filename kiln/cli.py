@@ -28,6 +28,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "reindex": "artifacts.cli:reindex_command",
     "export": "artifacts.cli:export_command",
     "import": "artifacts.cli:import_command",
+    "plan": "pipeline.cli:plan_command",
+    "compile": "pipeline.cli:compile_command",
 }
 ERROR_ROOTS = (
     ("artifacts.errors", "ArtifactError"),

@@ -98,6 +98,16 @@ class RecipeRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class WeightsRow(Base):
+    """Weights key -> the safetensors blob holding those weights (as the graphs name them)."""
+
+    __tablename__ = "weights"
+    weights_key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    digest: Mapped[str] = mapped_column(DIGEST)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class RunRow(Base):
     __tablename__ = "runs"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

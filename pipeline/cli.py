@@ -1,0 +1,170 @@
+"""`kiln plan` and `kiln compile`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from artifacts.cli import emit_json, json_option, open_store, store_options
+from artifacts.table import render_table
+
+BACKEND_CHOICES = click.Choice(["auto", "xla-cpu", "neuronx-cc"])
+
+
+def _flags(flags: tuple[str, ...]) -> tuple[str, ...] | None:
+    if not flags:
+        return None
+    from pipeline.spec import _Path, normalize_flags  # noqa: PLC0415
+
+    return normalize_flags(list(flags), "--flags", _Path("command line"))
+
+
+@click.command("plan")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--backend", type=BACKEND_CHOICES, default="auto", show_default=True)
+@click.option("--flags", "flags", multiple=True, help="Compiler flags for every graph.")
+@click.option("--no-trace", is_flag=True, help="Skip tracing direct misses (no HLO lookup).")
+@store_options
+@json_option
+def plan_command(
+    spec_path: Path,
+    backend: str,
+    flags: tuple[str, ...],
+    no_trace: bool,
+    store_url: str | None,
+    index_url: str | None,
+    as_json: bool,
+) -> None:
+    """Show every graph job: direct hit, HLO hit, or to be compiled. Compiles nothing."""
+    from pipeline.planview import plan_view  # noqa: PLC0415
+    from pipeline.spec import load_spec  # noqa: PLC0415
+
+    spec = load_spec(spec_path)
+    with open_store(store_url, index_url) as store:
+        rows = plan_view(store, spec, backend, _flags(flags), trace=not no_trace)
+    if as_json:
+        emit_json([r.to_json() for r in rows])
+        return
+    click.echo(
+        render_table(
+            ["MODEL", "GRAPH", "BUCKET", "TARGET", "COMPILER", "STATUS"],
+            [
+                [
+                    r.job.model,
+                    r.job.graph_kind,
+                    r.job.bucket.label,
+                    r.job.target,
+                    r.job.compiler,
+                    r.status,
+                ]
+                for r in rows
+            ],
+        )
+    )
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status.split(" ")[0]] = counts.get(r.status.split(" ")[0], 0) + 1
+    click.echo(f"{len(rows)} graphs: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+@click.command("compile")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--workers", type=int, default=None, help="Worker processes (default: cores).")
+@click.option("--backend", type=BACKEND_CHOICES, default="auto", show_default=True)
+@click.option("--tag", default=None, help="Tag every release NAME:TAG (default: the spec's).")
+@click.option("--flags", "flags", multiple=True, help="Compiler flags for every graph.")
+@click.option(
+    "--timeout", type=float, default=3600.0, show_default=True, help="Seconds per graph compile."
+)
+@click.option("--no-retry-failed", is_flag=True, help="Skip graphs whose last compile failed.")
+@store_options
+@json_option
+def compile_command(
+    spec_path: Path,
+    workers: int | None,
+    backend: str,
+    tag: str | None,
+    flags: tuple[str, ...],
+    timeout: float,
+    no_retry_failed: bool,
+    store_url: str | None,
+    index_url: str | None,
+    as_json: bool,
+) -> None:
+    """Compile every graph of SPEC that the cache does not already hold, then tag releases."""
+    from artifacts.refs import TAG_RE  # noqa: PLC0415
+    from pipeline.executors import make_executor  # noqa: PLC0415
+    from pipeline.jobs import plan_spec  # noqa: PLC0415
+    from pipeline.run import Runner, RunOptions  # noqa: PLC0415
+    from pipeline.spec import load_spec  # noqa: PLC0415
+
+    if tag is not None and not TAG_RE.match(tag):
+        raise click.BadParameter("must be letters, digits, '.', '_' or '-'", param_hint="--tag")
+    spec = load_spec(spec_path)
+    with open_store(store_url, index_url) as store:
+        plans = plan_spec(spec, store, backend, _flags(flags))
+        executor = make_executor("local", workers or os.cpu_count() or 1)
+        try:
+            runner = Runner(
+                store,
+                spec,
+                plans,
+                executor,
+                RunOptions(tag=tag, timeout=timeout, retry_failed=not no_retry_failed),
+                progress=None if as_json else _progress,
+            )
+            report = runner.run()
+        finally:
+            executor.shutdown()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        _print_summary(report)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _progress(item, done: int, total: int) -> None:  # type: ignore[no-untyped-def]
+    width = 24
+    filled = int(width * done / total) if total else width
+    bar = "#" * filled + "." * (width - filled)
+    timing = f"{item.compile_seconds:.1f}s" if item.compile_seconds else ""
+    line = (f"[{bar}] {done}/{total} {item.status:<10} {item.job.label} {timing}").rstrip()
+    if item.error:
+        line += f"\n    {item.error.splitlines()[0][:300]}"
+    click.echo(line, err=True)
+
+
+def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
+    click.echo(
+        render_table(
+            ["MODEL", "GRAPH", "BUCKET", "TARGET", "RESULT", "TRACE", "COMPILE"],
+            [
+                [
+                    i.job.model,
+                    i.job.graph_kind,
+                    i.job.bucket.label,
+                    i.job.target,
+                    i.status,
+                    f"{i.trace_seconds:.2f}s" if i.trace_seconds else "-",
+                    f"{i.compile_seconds:.2f}s" if i.compile_seconds else "-",
+                ]
+                for i in sorted(report.items, key=lambda i: i.job.label)
+            ],
+        )
+    )
+    data = report.to_json()
+    click.echo(
+        f"\n{data['jobs']} graphs: {data['compiled']} compiled, {data['direct_hits']}"
+        f" direct hits, {data['hlo_hits']} HLO hits, {data['failed']} failed"
+        f" in {report.seconds:.1f}s"
+    )
+    for p in report.releases:
+        state = "unchanged" if p.unchanged else "new"
+        click.echo(f"release {p.ref} -> {p.digest} ({state})")
+    for line in report.not_released:
+        click.echo(f"not released: {line}")

@@ -1,0 +1,53 @@
+"""Compiler backends, chosen by target: cpu -> xla-cpu, inf2/trn1/trn1n/trn2 -> neuronx-cc.
+Importing this package loads no jaxlib and no compiler."""
+
+from __future__ import annotations
+
+from pipeline.compile.base import Compiler, CompileResult
+from pipeline.compile.neuronx_cc import NEURON_TARGETS, NeuronxCcCompiler
+from pipeline.compile.xla_cpu import CPU_TARGET, XlaCpuCompiler
+from pipeline.errors import PipelineError
+
+CPU_TARGETS = (CPU_TARGET,)
+BACKENDS = ("xla-cpu", "neuronx-cc")
+
+__all__ = [
+    "BACKENDS",
+    "CPU_TARGETS",
+    "NEURON_TARGETS",
+    "CompileResult",
+    "Compiler",
+    "backend_for_target",
+    "get_compiler",
+]
+
+
+def get_compiler(name: str) -> Compiler:
+    if name == "xla-cpu":
+        return XlaCpuCompiler()
+    if name == "neuronx-cc":
+        return NeuronxCcCompiler()
+    raise PipelineError(f"unknown compiler backend {name!r}; choose one of {BACKENDS}")
+
+
+def backend_for_target(target: str, requested: str = "auto") -> str:
+    """The backend that compiles for ``target``. A Neuron target always gets neuronx-cc
+    (missing neuronx-cc fails the compile; it is never replaced by xla-cpu)."""
+    if target in CPU_TARGETS:
+        backend = "xla-cpu"
+    elif target in NEURON_TARGETS:
+        backend = "neuronx-cc"
+    else:
+        raise PipelineError(
+            f"unknown target {target!r}; choose one of {CPU_TARGETS + NEURON_TARGETS}"
+        )
+    if requested not in ("auto", backend):
+        if requested not in BACKENDS:
+            raise PipelineError(
+                f"unknown backend {requested!r}; choose 'auto' or one of {BACKENDS}"
+            )
+        raise PipelineError(
+            f"backend {requested!r} cannot compile for target {target!r}; "
+            f"use --backend auto or {backend}"
+        )
+    return backend

@@ -1,0 +1,232 @@
+"""Graph jobs and what the cache already knows about them (no tracing, no torch)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import select
+
+from artifacts.index.models import BlobRow, CompilationRow, RecipeRow, WeightsRow
+from artifacts.store import Store
+from pipeline.compile import backend_for_target
+from pipeline.keys import architecture_digest, direct_key, weights_key
+from pipeline.sources import raw_config, tracer_versions, weights_identity
+from pipeline.spec import Bucket, ModelSpec, Spec
+
+
+@dataclass(frozen=True)
+class GraphJob:
+    """One graph to produce: (model, graph kind, bucket, target, flags) and its direct key."""
+
+    model: str
+    graph_kind: str
+    bucket: Bucket
+    target: str
+    flags: tuple[str, ...]
+    compiler: str
+    compiler_version: str
+    dtype: str
+    direct_key: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.graph_kind} {self.bucket.label} {self.target}"
+
+    @property
+    def bucket_json(self) -> dict[str, int]:
+        return self.bucket.to_json()
+
+
+@dataclass(frozen=True)
+class CompiledGraph:
+    """A successful compilation the cache holds: enough to write a release entry."""
+
+    hlo_key: str
+    hlo_digest: str
+    hlo_size: int
+    signature: dict[str, Any]
+    executable_digest: str
+    executable_size: int
+    executable_format: str
+    compiler: str
+    compiler_version: str
+    flags: tuple[str, ...]
+    seconds: float
+    log_digest: str | None
+    log_size: int | None
+
+
+@dataclass
+class ModelPlan:
+    model: ModelSpec
+    architecture: str
+    weights_key: str
+    weights: tuple[str, int] | None
+    jobs: list[GraphJob] = field(default_factory=list)
+    direct_hits: dict[GraphJob, CompiledGraph] = field(default_factory=dict)
+    unavailable: dict[GraphJob, str] = field(default_factory=dict)
+
+    @property
+    def misses(self) -> list[GraphJob]:
+        return [j for j in self.jobs if j not in self.direct_hits and j not in self.unavailable]
+
+
+@lru_cache(maxsize=4)
+def compiler_version(name: str) -> str | None:
+    """The compiler's version without importing it; None when it is not installed."""
+    if name == "xla-cpu":
+        try:
+            return f"jaxlib-{importlib.metadata.version('jaxlib')}"
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    if name == "neuronx-cc":
+        if shutil.which("neuronx-cc") is None:
+            return None
+        from pipeline.compile.neuronx_cc import NeuronxCcCompiler  # noqa: PLC0415
+
+        try:
+            return NeuronxCcCompiler().version()
+        except (OSError, subprocess.SubprocessError, RuntimeError, ValueError):
+            return None
+    return None
+
+
+def unavailable_message(compiler: str, target: str) -> str:
+    if compiler == "neuronx-cc":
+        return (
+            f"neuronx-cc is not installed here, so target {target} cannot be compiled:"
+            " install the Neuron SDK (neuronx-cc) or compile for target cpu"
+        )
+    return f"{compiler} is not installed: pip install 'kiln[pipeline]'"
+
+
+def plan_model(
+    model: ModelSpec, backend: str, store: Store, flags_override: tuple[str, ...] | None
+) -> ModelPlan:
+    config = raw_config(model)
+    arch = architecture_digest({**config, "_kiln_task": model.task})
+    wkey = weights_key(source={"task": model.task, **weights_identity(model)}, dtype=model.dtype)
+    plan = ModelPlan(model, arch, wkey, None)
+    for target in model.targets:
+        compiler = backend_for_target(target, backend)
+        version = compiler_version(compiler)
+        flags = flags_override if flags_override is not None else model.flags_for(target)
+        for kind in model.graph_kinds:
+            for bucket in model.buckets:
+                key = direct_key(
+                    architecture=arch,
+                    graph_kind=kind,
+                    bucket=bucket.to_json(),
+                    dtype=model.dtype,
+                    tracer=tracer_versions(),
+                    compiler=compiler,
+                    compiler_version=version or "missing",
+                    flags=flags,
+                    target=target,
+                )
+                job = GraphJob(
+                    model.name,
+                    kind,
+                    bucket,
+                    target,
+                    flags,
+                    compiler,
+                    version or "missing",
+                    model.dtype,
+                    key,
+                )
+                plan.jobs.append(job)
+                if version is None:
+                    plan.unavailable[job] = unavailable_message(compiler, target)
+    lookup_cache(store, plan)
+    return plan
+
+
+def plan_spec(
+    spec: Spec, store: Store, backend: str = "auto", flags_override: tuple[str, ...] | None = None
+) -> list[ModelPlan]:
+    return [plan_model(m, backend, store, flags_override) for m in spec.models]
+
+
+def lookup_cache(store: Store, plan: ModelPlan) -> None:
+    """Fill direct hits and the known weights blob from the index (blobs must exist)."""
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            select(WeightsRow.digest, WeightsRow.size).where(
+                WeightsRow.weights_key == plan.weights_key
+            )
+        ).first()
+        if row is not None and store.backend.stat(_digest(row[0])) is not None:
+            plan.weights = (row[0], row[1])
+        keys = [j.direct_key for j in plan.jobs]
+        recipes = {
+            r.direct_key: r
+            for r in conn.execute(
+                select(RecipeRow.__table__).where(RecipeRow.direct_key.in_(keys))  # type: ignore[arg-type]
+            )
+        }
+    for job in plan.jobs:
+        recipe = recipes.get(job.direct_key)
+        if recipe is None or job in plan.unavailable:
+            continue
+        compiled = find_compilation(store, recipe.hlo_key, json.loads(recipe.signature))
+        if compiled is not None:
+            plan.direct_hits[job] = compiled
+
+
+def find_compilation(store: Store, hlo_key: str, signature: dict[str, Any]) -> CompiledGraph | None:
+    """The newest successful compilation of `hlo_key` whose blobs are all still present."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(CompilationRow.__table__)  # type: ignore[arg-type]
+            .where(CompilationRow.hlo_key == hlo_key, CompilationRow.status == "ok")
+            .order_by(CompilationRow.created_at.desc())
+        ).all()
+        for row in rows:
+            digests = [d for d in (row.hlo_digest, row.executable_digest, row.log_digest) if d]
+            sizes = dict(
+                conn.execute(
+                    select(BlobRow.digest, BlobRow.size).where(BlobRow.digest.in_(digests))
+                ).all()
+            )
+            if any(store.backend.stat(_digest(d)) is None for d in digests):
+                continue
+            return CompiledGraph(
+                hlo_key=hlo_key,
+                hlo_digest=row.hlo_digest,
+                hlo_size=sizes.get(row.hlo_digest, 0),
+                signature=signature,
+                executable_digest=row.executable_digest,
+                executable_size=sizes.get(row.executable_digest, 0),
+                executable_format=row.executable_format,
+                compiler=row.compiler,
+                compiler_version=row.compiler_version,
+                flags=tuple(json.loads(row.flags)),
+                seconds=row.seconds,
+                log_digest=row.log_digest,
+                log_size=sizes.get(row.log_digest) if row.log_digest else None,
+            )
+    return None
+
+
+def known_failure(store: Store, hlo_key: str) -> str | None:
+    """The error of the newest failed compile of `hlo_key`, if no success exists."""
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            select(CompilationRow.status, CompilationRow.error)
+            .where(CompilationRow.hlo_key == hlo_key)
+            .order_by(CompilationRow.created_at.desc())
+        ).first()
+    return row[1] if row is not None and row[0] != "ok" else None
+
+
+def _digest(text: str):  # type: ignore[no-untyped-def]
+    from artifacts.digest import Digest  # noqa: PLC0415
+
+    return Digest.parse(text)

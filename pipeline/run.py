@@ -1,0 +1,332 @@
+"""`kiln compile`: plan, trace what the direct key misses, compile what the HLO key misses,
+publish releases, record the run. Work runs in a process pool (spawn) or another executor."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from artifacts.digest import canonical_json
+from artifacts.index.db import write_transaction
+from artifacts.index.models import RunRow
+from artifacts.records import RUN_MEDIA_TYPE
+from artifacts.reindex import index_run
+from artifacts.store import Store
+from pipeline.executors import Executor
+from pipeline.jobs import CompiledGraph, GraphJob, ModelPlan, find_compilation, known_failure
+from pipeline.release import Published, build_release, publish, release_ref
+from pipeline.spec import Spec
+from pipeline.tasks import CompileOutcome, TracedJob, TraceOutcome, compile_graph, trace_model
+
+HIT_DIRECT = "direct-hit"
+HIT_HLO = "hlo-hit"
+COMPILED = "compiled"
+FAILED = "failed"
+
+
+@dataclass
+class ItemResult:
+    job: GraphJob
+    status: str  # direct-hit | hlo-hit | compiled | failed
+    compiled: CompiledGraph | None = None
+    hlo_key: str | None = None
+    trace_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    log_digest: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.job.model,
+            "graph_kind": self.job.graph_kind,
+            "bucket": self.job.bucket.label,
+            "target": self.job.target,
+            "status": self.status,
+            "hit_kind": self.status if self.status in (HIT_DIRECT, HIT_HLO) else None,
+            "direct_key": self.job.direct_key,
+            "hlo_key": self.hlo_key,
+            "trace_seconds": round(self.trace_seconds, 4),
+            "compile_seconds": round(self.compile_seconds, 4),
+            "log_digest": self.log_digest,
+            "error": self.error,
+        }
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    items: list[ItemResult] = field(default_factory=list)
+    releases: list[Published] = field(default_factory=list)
+    not_released: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(1 for i in self.items if i.status == status)
+
+    @property
+    def ok(self) -> bool:
+        return self.count(FAILED) == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "jobs": len(self.items),
+            "compiled": self.count(COMPILED),
+            "direct_hits": self.count(HIT_DIRECT),
+            "hlo_hits": self.count(HIT_HLO),
+            "failed": self.count(FAILED),
+            "seconds": round(self.seconds, 3),
+            "releases": [
+                {"ref": p.ref, "digest": p.digest, "target": p.target, "unchanged": p.unchanged}
+                for p in self.releases
+            ],
+            "not_released": self.not_released,
+            "items": [i.to_json() for i in self.items],
+        }
+
+
+Progress = Callable[[ItemResult, int, int], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    tag: str | None = None
+    timeout: float = 3600.0
+    retry_failed: bool = True
+    publish: bool = True
+
+
+class Runner:
+    """Drives one run over an executor; every graph ends as exactly one ItemResult."""
+
+    def __init__(
+        self,
+        store: Store,
+        spec: Spec,
+        plans: list[ModelPlan],
+        executor: Executor,
+        options: RunOptions,
+        progress: Progress | None = None,
+    ) -> None:
+        self.store = store
+        self.spec = spec
+        self.plans = plans
+        self.executor = executor
+        self.options = options
+        self.progress = progress
+        self.report = RunReport(run_id=uuid.uuid4().hex)
+        self.total = sum(len(p.jobs) for p in plans)
+        self.urls = (store.backend.url, store.index_url)
+
+    def _finish(self, item: ItemResult) -> None:
+        self.report.items.append(item)
+        if self.progress:
+            self.progress(item, len(self.report.items), self.total)
+
+    def run(self) -> RunReport:
+        start = time.monotonic()
+        started_at = time.time()
+        self._record_run_start(started_at)
+        pending: dict[Future, tuple[str, Any]] = {}
+        for plan in self.plans:
+            for job, message in plan.unavailable.items():
+                self._finish(ItemResult(job, FAILED, error=message))
+            for job, compiled in plan.direct_hits.items():
+                self._finish(ItemResult(job, HIT_DIRECT, compiled, compiled.hlo_key))
+            misses = plan.misses
+            if misses or (plan.weights is None and len(plan.unavailable) < len(plan.jobs)):
+                future = self.executor.submit(
+                    trace_model,
+                    *self.urls,
+                    plan.model,
+                    misses,
+                    plan.weights_key if plan.weights is None else None,
+                )
+                pending[future] = ("trace", plan)
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, payload = pending.pop(future)
+                if kind == "trace":
+                    self._on_traced(future, payload, pending)
+                else:
+                    self._on_compiled(future, payload)
+        if self.options.publish:
+            self._publish()
+        self.report.seconds = time.monotonic() - start
+        self._record_run_end(started_at)
+        return self.report
+
+    def _on_traced(self, future: Future, plan: ModelPlan, pending: dict) -> None:  # type: ignore[type-arg]
+        try:
+            outcome: TraceOutcome = future.result()
+        except Exception as exc:  # noqa: BLE001 - a dead worker fails this model's jobs only
+            for job in plan.misses:
+                self._finish(ItemResult(job, FAILED, error=f"trace worker failed: {exc}"))
+            return
+        if outcome.weights is not None:
+            plan.weights = outcome.weights
+        for job, message in outcome.failed:
+            self._finish(ItemResult(job, FAILED, error=message))
+        for traced in outcome.traced:
+            hit = find_compilation(self.store, traced.hlo_key, traced.signature)
+            if hit is not None:
+                from artifacts.index import ops  # noqa: PLC0415
+
+                with write_transaction(self.store.engine) as conn:
+                    ops.record_recipe(
+                        conn,
+                        traced.job.direct_key,
+                        traced.hlo_key,
+                        traced.hlo_digest,
+                        traced.signature,
+                    )
+                self._finish(
+                    ItemResult(traced.job, HIT_HLO, hit, traced.hlo_key, traced.trace_seconds)
+                )
+                continue
+            if not self.options.retry_failed:
+                failure = known_failure(self.store, traced.hlo_key)
+                if failure is not None:
+                    self._finish(
+                        ItemResult(
+                            traced.job,
+                            FAILED,
+                            hlo_key=traced.hlo_key,
+                            trace_seconds=traced.trace_seconds,
+                            error=f"known failure (--no-retry-failed): {failure}",
+                        )
+                    )
+                    continue
+            future = self.executor.submit(compile_graph, *self.urls, traced, self.options.timeout)
+            pending[future] = ("compile", traced)
+
+    def _on_compiled(self, future: Future, traced: TracedJob) -> None:  # type: ignore[type-arg]
+        try:
+            outcome: CompileOutcome = future.result()
+        except Exception as exc:  # noqa: BLE001 - e.g. the worker was killed
+            self._finish(
+                ItemResult(
+                    traced.job,
+                    FAILED,
+                    hlo_key=traced.hlo_key,
+                    trace_seconds=traced.trace_seconds,
+                    error=f"compile worker failed: {type(exc).__name__}: {exc}",
+                )
+            )
+            return
+        self._finish(
+            ItemResult(
+                traced.job,
+                COMPILED if outcome.compiled else FAILED,
+                outcome.compiled,
+                traced.hlo_key,
+                traced.trace_seconds,
+                outcome.seconds,
+                outcome.log_digest,
+                outcome.error,
+            )
+        )
+
+    def _publish(self) -> None:
+        by_job = {i.job: i for i in self.report.items}
+        for plan in self.plans:
+            for target in plan.model.targets:
+                jobs = [j for j in plan.jobs if j.target == target]
+                items = [by_job[j] for j in jobs if j in by_job]
+                ref = release_ref(plan, target, self.options.tag or plan.model.tag)
+                failed = [i for i in items if i.compiled is None]
+                if failed or len(items) != len(jobs) or plan.weights is None:
+                    self.report.not_released.append(
+                        f"{ref}: {len(failed) or len(jobs) - len(items)} of {len(jobs)} graphs"
+                        " failed"
+                        if failed or len(items) != len(jobs)
+                        else f"{ref}: no weights"
+                    )
+                    continue
+                release = build_release(
+                    self.store,
+                    plan,
+                    target,
+                    {i.job: i.compiled for i in items},  # type: ignore[misc]
+                    plan.weights,
+                    str(self.spec.digest),
+                )
+                self.report.releases.append(
+                    publish(self.store, release, ref, f"kiln compile {self.spec.path}")
+                )
+
+    def _record_run_start(self, started_at: float) -> None:
+        with write_transaction(self.store.engine) as conn:
+            conn.execute(
+                RunRow.__table__.insert(),
+                {  # type: ignore[attr-defined]
+                    "id": self.report.run_id,
+                    "started_at": started_at,
+                    "finished_at": None,
+                    "status": "running",
+                    "spec_digest": str(self.spec.digest),
+                    "host": socket.gethostname(),
+                    "user": _user(),
+                    "summary": "{}",
+                    "record_digest": None,
+                },
+            )
+
+    def _record_run_end(self, started_at: float) -> None:
+        summary = {k: v for k, v in self.report.to_json().items() if k != "items"}
+        record = {
+            "mediaType": RUN_MEDIA_TYPE,
+            "id": self.report.run_id,
+            "started_at": started_at,
+            "finished_at": time.time(),
+            "status": "ok" if self.report.ok else "failed",
+            "spec_digest": str(self.spec.digest),
+            "host": socket.gethostname(),
+            "user": _user(),
+            "summary": summary,
+            "items": [_item_row(i) for i in self.report.items],
+        }
+        put = self.store.put_bytes(canonical_json(record), kind="run")
+        with write_transaction(self.store.engine) as conn:
+            conn.execute(
+                RunRow.__table__.delete().where(  # type: ignore[attr-defined]
+                    RunRow.id == self.report.run_id
+                )
+            )
+            index_run(conn, str(put.digest), record)
+
+
+def _item_row(item: ItemResult) -> dict[str, Any]:
+    return {
+        "model": item.job.model,
+        "graph_kind": item.job.graph_kind,
+        "bucket": item.job.bucket.label,
+        "target": item.job.target,
+        "status": item.status,
+        "hit_kind": item.status if item.status in (HIT_DIRECT, HIT_HLO) else None,
+        "direct_key": item.job.direct_key,
+        "hlo_key": item.hlo_key,
+        "trace_seconds": item.trace_seconds,
+        "compile_seconds": item.compile_seconds,
+        "log_digest": item.log_digest,
+        "error": item.error,
+    }
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def summary_json(report: RunReport) -> str:
+    return json.dumps(report.to_json(), indent=2, sort_keys=True)

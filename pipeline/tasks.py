@@ -1,0 +1,229 @@
+"""Work that runs in worker processes: trace a model's graphs; compile one graph.
+
+Each function is top-level (picklable for spawn/Ray), opens the store itself and writes its
+blobs and index rows before returning, so the parent only assembles releases.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from artifacts.digest import Digest, canonical_json
+from artifacts.index import ops
+from artifacts.index.db import write_transaction
+from artifacts.records import COMPILATION_MEDIA_TYPE
+from artifacts.reindex import index_compilation
+from artifacts.store import Store
+from pipeline.jobs import CompiledGraph, GraphJob
+from pipeline.keys import hlo_key
+from pipeline.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class TracedJob:
+    job: GraphJob
+    hlo_digest: str
+    hlo_size: int
+    hlo_key: str
+    signature: dict[str, Any]
+    trace_seconds: float
+
+
+@dataclass(frozen=True)
+class TraceOutcome:
+    model: str
+    traced: tuple[TracedJob, ...] = ()
+    failed: tuple[tuple[GraphJob, str], ...] = ()
+    weights: tuple[str, int] | None = None
+    load_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class CompileOutcome:
+    job: GraphJob
+    traced: TracedJob
+    compiled: CompiledGraph | None
+    error: str | None = None
+    log_digest: str | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=4)
+def _store(store_url: str, index_url: str) -> Store:
+    return Store.open(store_url, index_url)
+
+
+def _graph_builder(task: str, kind: str):  # type: ignore[no-untyped-def]
+    if task == "encoder":
+        from pipeline.graphs.encoder import build_encoder_graph  # noqa: PLC0415
+
+        return lambda model, batch, seq: build_encoder_graph(model, batch, seq)
+    from pipeline.graphs.causal_lm import build_causal_lm_graphs  # noqa: PLC0415
+
+    return lambda model, batch, seq: build_causal_lm_graphs(model, batch, seq)[kind]
+
+
+def trace_model(
+    store_url: str,
+    index_url: str,
+    model: ModelSpec,
+    jobs: list[GraphJob],
+    weights_key: str | None,
+    write: bool = True,
+) -> TraceOutcome:
+    """Trace each distinct (graph kind, bucket) once and key it per target.
+
+    With `weights_key`, also store the weights (every tensor a graph names) as safetensors.
+    With write=False (for `kiln plan`), nothing is stored: only the keys are computed.
+    """
+    os.environ.setdefault("PJRT_DEVICE", "CPU")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pipeline.sources import load_model  # noqa: PLC0415
+    from pipeline.trace import hlo_digest_bytes, trace_graph, weights_state_dict  # noqa: PLC0415
+
+    store = _store(store_url, index_url) if write or weights_key else None
+    start = time.monotonic()
+    try:
+        loaded = load_model(model)
+    except Exception as exc:  # noqa: BLE001 - any load failure fails this model's jobs
+        message = f"cannot load model {model.name} from {model.source.describe()}: {exc}"
+        return TraceOutcome(model.name, failed=tuple((j, message) for j in jobs))
+    load_seconds = time.monotonic() - start
+    build = {}
+    traced: list[TracedJob] = []
+    failed: list[tuple[GraphJob, str]] = []
+    weight_names: set[str] = set()
+    cpu_tensors: dict[str, Any] = {}
+    kinds = {(j.graph_kind, j.bucket) for j in jobs}
+    if weights_key and not kinds:
+        kinds = {(model.graph_kinds[0], model.buckets[0])}
+    for kind, bucket in sorted(kinds, key=lambda kb: (kb[0], kb[1].batch, kb[1].seq)):
+        t0 = time.monotonic()
+        try:
+            module, inputs, outputs = _graph_builder(model.task, kind)(
+                loaded, bucket.batch, bucket.seq
+            )
+            if not cpu_tensors:
+                cpu_tensors = weights_state_dict(module)
+            graph = trace_graph(module, inputs, outputs)
+        except Exception as exc:  # noqa: BLE001 - a failed trace fails only its graphs
+            for job in jobs:
+                if (job.graph_kind, job.bucket) == (kind, bucket):
+                    failed.append((job, f"trace failed: {type(exc).__name__}: {exc}"))
+            continue
+        weight_names.update(graph.signature.weight_names)
+        hlo = hlo_digest_bytes(graph.hlo_proto)
+        if store is not None and write:
+            put = store.put_bytes(hlo, kind="hlo")
+            digest, size = str(put.digest), put.size
+        else:
+            digest, size = str(Digest.of_bytes(hlo)), len(hlo)
+        build[(kind, bucket)] = (digest, size, graph.signature.to_json(), time.monotonic() - t0)
+    for job in jobs:
+        if (job.graph_kind, job.bucket) not in build:
+            continue
+        digest, size, signature, seconds = build[(job.graph_kind, job.bucket)]
+        key = hlo_key(
+            hlo_digest=digest,
+            compiler=job.compiler,
+            compiler_version=job.compiler_version,
+            flags=job.flags,
+            target=job.target,
+        )
+        traced.append(TracedJob(job, digest, size, key, signature, seconds))
+    weights = None
+    if weights_key and store is not None and weight_names:
+        weights = _store_weights(
+            store, weights_key, {n: cpu_tensors[n] for n in sorted(weight_names)}
+        )
+    return TraceOutcome(model.name, tuple(traced), tuple(failed), weights, load_seconds)
+
+
+def _store_weights(store: Store, key: str, tensors: dict[str, Any]) -> tuple[str, int]:
+    from safetensors.torch import save  # noqa: PLC0415
+
+    data = save({n: t.contiguous().clone() for n, t in tensors.items()})
+    put = store.put_stream(io.BytesIO(data), kind="weights")
+    with write_transaction(store.engine) as conn:
+        ops.record_weights(conn, key, str(put.digest), put.size)
+    return str(put.digest), put.size
+
+
+def compile_graph(
+    store_url: str, index_url: str, traced: TracedJob, timeout: float
+) -> CompileOutcome:
+    """Compile one traced graph; store executable, log and a compile record (even on failure)."""
+    from pipeline.compile import get_compiler  # noqa: PLC0415
+    from pipeline.errors import CompileError  # noqa: PLC0415
+
+    store = _store(store_url, index_url)
+    job = traced.job
+    hlo = store.read_bytes(Digest.parse(traced.hlo_digest))
+    compiler = get_compiler(job.compiler)
+    start = time.monotonic()
+    result = error = None
+    reason = None
+    with tempfile.TemporaryDirectory(prefix="kiln-compile-") as workdir:
+        try:
+            result = compiler.compile(hlo, job.target, job.flags, Path(workdir), timeout)
+            log = result.log
+        except CompileError as exc:
+            error, reason, log = str(exc), exc.reason, exc.log
+        except Exception as exc:  # noqa: BLE001 - record any compiler crash as a failure
+            error, reason, log = f"{type(exc).__name__}: {exc}", "exit", ""
+    seconds = time.monotonic() - start
+    log_put = store.put_bytes(log.encode(), kind="log")
+    exe_put = store.put_bytes(result.executable, kind="executable") if result else None
+    record = {
+        "mediaType": COMPILATION_MEDIA_TYPE,
+        "hlo_key": traced.hlo_key,
+        "status": "ok" if result else "failed",
+        "compiler": job.compiler,
+        "compiler_version": result.compiler_version if result else job.compiler_version,
+        "flags": list(job.flags),
+        "target": job.target,
+        "hlo_digest": traced.hlo_digest,
+        "executable_digest": str(exe_put.digest) if exe_put else None,
+        "executable_format": result.format if result else None,
+        "log_digest": str(log_put.digest),
+        "seconds": seconds,
+        "error": error,
+        "reason": reason,
+        "created_at": time.time(),
+        "provenance": {"host": socket.gethostname(), "pid": os.getpid()},
+        "recipe": {"direct_key": job.direct_key, "signature": traced.signature},
+    }
+    record_put = store.put_bytes(canonical_json(record), kind="compilation")
+    with write_transaction(store.engine) as conn:
+        index_compilation(conn, str(record_put.digest), record)
+        if result is not None:
+            ops.record_recipe(
+                conn, job.direct_key, traced.hlo_key, traced.hlo_digest, traced.signature
+            )
+    compiled = None
+    if result is not None and exe_put is not None:
+        compiled = CompiledGraph(
+            hlo_key=traced.hlo_key,
+            hlo_digest=traced.hlo_digest,
+            hlo_size=traced.hlo_size,
+            signature=traced.signature,
+            executable_digest=str(exe_put.digest),
+            executable_size=exe_put.size,
+            executable_format=result.format,
+            compiler=job.compiler,
+            compiler_version=result.compiler_version,
+            flags=job.flags,
+            seconds=seconds,
+            log_digest=str(log_put.digest),
+            log_size=log_put.size,
+        )
+    return CompileOutcome(job, traced, compiled, error, str(log_put.digest), seconds)

@@ -1,0 +1,166 @@
+"""Run ``xla-cpu`` executables (serialized by jaxlib's CPU client) on the deploy side.
+
+Only numpy and jaxlib's native module are used; jaxlib is imported on first use, and
+``jax`` itself is not imported (jaxlib 0.10's client has no ``buffer_from_pyval``; arrays go
+in and out through DLPack). Executables load only in the jaxlib version that compiled them.
+Outputs are read-only numpy views of the result buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _xla() -> Any:
+    import jaxlib._jax  # noqa: PLC0415
+
+    return jaxlib._jax
+
+
+def _cpu() -> tuple[Any, Any]:
+    """(client, device): one process-wide CPU client, so buffers uploaded once can be passed
+    to every executable loaded here."""
+    with _lock:
+        if "client" not in _state:
+            client = _xla().get_tfrt_cpu_client(asynchronous=True)
+            _state["client"] = client
+            _state["device"] = client.local_devices()[0]
+        return _state["client"], _state["device"]
+
+
+@contextlib.contextmanager
+def _jax_import_blocked() -> Iterator[None]:
+    """jaxlib's DLPack import and result wrapping try ``import jax`` (about 0.3 s) and work
+    without it: make that import fail fast for the duration of the call, unless jax is
+    already loaded. (Another thread importing jax in that window would fail.)"""
+    if "jax" in sys.modules:
+        yield
+        return
+    sys.modules["jax"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get("jax", False) is None:
+            del sys.modules["jax"]
+
+
+class DeviceBuffer:
+    """A host array uploaded to the CPU device, or an output kept there; pass it to ``run``
+    in place of an array. (Without jax, jaxlib arrays carry no shape: outputs learn theirs
+    from a zero-copy numpy view on first use.)"""
+
+    __slots__ = ("array", "_shape", "_dtype")
+
+    def __init__(
+        self, array: Any, shape: tuple[int, ...] | None = None, dtype: np.dtype | None = None
+    ) -> None:
+        self.array = array
+        self._shape = shape
+        self._dtype = dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape if self._shape is not None else self.numpy().shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype if self._dtype is not None else self.numpy().dtype
+
+    def numpy(self) -> np.ndarray:
+        self.array.block_until_ready()
+        return np.from_dlpack(_Capsule(_xla().buffer_to_dlpack_managed_tensor(self.array)))
+
+
+class _Capsule:
+    """Adapts a DLPack capsule to numpy.from_dlpack's protocol (CPU memory)."""
+
+    _KDL_CPU = 1
+
+    def __init__(self, capsule: Any) -> None:
+        self._capsule = capsule
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (self._KDL_CPU, 0)
+
+
+class DeviceBuffers:
+    """Uploads weights once; the handles are reused across calls and across executables
+    (e.g. every bucket of a model shares one set of weight buffers)."""
+
+    def upload(self, array: np.ndarray) -> DeviceBuffer:
+        array = np.asarray(array, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+        _, device = _cpu()
+        xla = _xla()
+        try:
+            with _jax_import_blocked():
+                buf = xla.dlpack_managed_tensor_to_buffer(array.__dlpack__(), device, None, True)
+        except (BufferError, TypeError) as exc:
+            raise ValueError(
+                f"cannot upload a {array.dtype} array to the CPU device: {exc}"
+            ) from exc
+        return DeviceBuffer(array=buf, shape=tuple(array.shape), dtype=array.dtype)
+
+
+class XlaCpuExecutable:
+    """One deserialized executable. ``run`` takes arguments in HLO parameter order (as the
+    graph's signature lists them): numpy arrays or DeviceBuffer handles."""
+
+    def __init__(self, loaded: Any, buffers: DeviceBuffers) -> None:
+        self._loaded = loaded
+        self._buffers = buffers
+        self.num_parameters = len(loaded.get_parameter_layouts())
+
+    @classmethod
+    def load(
+        cls, executable_bytes: bytes, buffers: DeviceBuffers | None = None
+    ) -> XlaCpuExecutable:
+        xla = _xla()
+        client, device = _cpu()
+        try:
+            loaded = client.deserialize_executable(
+                executable_bytes, xla.DeviceList((device,)), None
+            )
+        except Exception as exc:  # jaxlib raises its own runtime error types
+            import jaxlib.version  # noqa: PLC0415
+
+            raise ValueError(
+                "cannot load this xla-cpu executable with jaxlib "
+                f"{jaxlib.version.__version__} ({exc}); it must be loaded by the jaxlib "
+                "version that compiled it, on a compatible CPU"
+            ) from exc
+        return cls(loaded, buffers or DeviceBuffers())
+
+    def run_on_device(self, args: Sequence[np.ndarray | DeviceBuffer]) -> list[DeviceBuffer]:
+        """Run and keep the outputs on the device (e.g. a KV cache fed to the next step)."""
+        if len(args) != self.num_parameters:
+            raise ValueError(
+                f"executable takes {self.num_parameters} arguments in HLO "
+                f"parameter order, got {len(args)}"
+            )
+        handles = [a if isinstance(a, DeviceBuffer) else self._buffers.upload(a) for a in args]
+        try:
+            with _jax_import_blocked():
+                results = self._loaded.execute_sharded([h.array for h in handles])
+                outputs = results.disassemble_into_single_device_arrays()
+        except Exception as exc:
+            shapes = [(str(h.dtype), h.shape) for h in handles]
+            raise ValueError(
+                f"xla-cpu execution failed ({exc}); arguments were "
+                f"{shapes}: check dtypes and shapes against the signature"
+            ) from exc
+        return [DeviceBuffer(array) for (array,) in outputs]
+
+    def run(self, args: Sequence[np.ndarray | DeviceBuffer]) -> list[np.ndarray]:
+        return [buf.numpy() for buf in self.run_on_device(args)]
