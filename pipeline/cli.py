@@ -139,6 +139,11 @@ def _progress(item, done: int, total: int) -> None:  # type: ignore[no-untyped-d
     click.echo(line, err=True)
 
 
+def _order(item) -> tuple:  # type: ignore[no-untyped-def, type-arg]
+    job = item.job
+    return (job.model, job.target, job.graph_kind, job.bucket.batch, job.bucket.seq)
+
+
 def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
     click.echo(
         render_table(
@@ -153,7 +158,7 @@ def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
                     f"{i.trace_seconds:.2f}s" if i.trace_seconds else "-",
                     f"{i.compile_seconds:.2f}s" if i.compile_seconds else "-",
                 ]
-                for i in sorted(report.items, key=lambda i: i.job.label)
+                for i in sorted(report.items, key=_order)
             ],
         )
     )

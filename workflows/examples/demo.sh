@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# The demo: a store round trip in a throwaway store (replaced by the MiniLM compile once the
-# pipeline lands). Uses only the `kiln` command line.
+# The demo: compile the bundled MiniLM example into the default local store (or $KILN_STORE),
+# show the release, then compile again to show that nothing is redone.
 set -euo pipefail
 KILN="${KILN:-.venv/bin/kiln}"
-PY="${PY:-.venv/bin/python}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-export KILN_STORE="$work/store"
-"$PY" workflows/examples/make_demo_release.py
-"$KILN" ls
-"$KILN" show demo:latest
-"$KILN" verify
-"$KILN" export demo:latest -o "$work/demo.tar"
-KILN_STORE="$work/other" "$KILN" import "$work/demo.tar"
-KILN_STORE="$work/other" "$KILN" ls
+export PJRT_DEVICE=CPU
+echo "== kiln compile workflows/examples/minilm.yaml"
+"$KILN" compile workflows/examples/minilm.yaml
+echo "== kiln show minilm:latest"
+"$KILN" show minilm:latest
+echo "== again: every graph is a direct cache hit"
+"$KILN" compile workflows/examples/minilm.yaml
+"$KILN" stats
