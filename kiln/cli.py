@@ -30,6 +30,10 @@ LAZY_COMMANDS: dict[str, str] = {
     "import": "artifacts.cli:import_command",
     "plan": "pipeline.cli:plan_command",
     "compile": "pipeline.cli:compile_command",
+    "pull": "runtime_loader.cli:pull_command",
+    "run": "runtime_loader.cli:run_command",
+    "generate": "runtime_loader.cli:generate_command",
+    "cache": "runtime_loader.cli:cache_group",
 }
 ERROR_ROOTS = (
     ("artifacts.errors", "ArtifactError"),

@@ -9,6 +9,7 @@ Outputs are read-only numpy views of the result buffers.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ _state: dict[str, Any] = {}
 
 
 def _xla() -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # no INFO lines from XLA on stderr
     import jaxlib._jax  # noqa: PLC0415
 
     return jaxlib._jax

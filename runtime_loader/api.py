@@ -1,0 +1,131 @@
+"""`runtime_loader.load`: resolve, pull (or use the cache offline), verify, build the model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from artifacts.digest import Digest
+from artifacts.errors import BlobCorrupted, BlobNotFound, SizeMismatch
+from artifacts.manifest import Release
+from artifacts.refs import parse_reference
+from runtime_loader.cache import LocalCache
+from runtime_loader.errors import CorruptCachedBlob, LoaderError, MissingFromCache, WrongTarget
+from runtime_loader.model import CompiledModel, model_for
+from runtime_loader.pull import PullReport, needed_blobs, pull_release
+
+OFFLINE_ENV = "KILN_OFFLINE"
+Refetch = Callable[[Digest], None]
+
+
+def offline_default() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def read_cached(cache: LocalCache, digest: Digest, refetch: Refetch | None) -> bytes:
+    """Verified bytes from the cache; a corrupt or missing blob is fetched again when online."""
+    try:
+        return cache.read(digest)
+    except (BlobCorrupted, SizeMismatch, BlobNotFound) as exc:
+        if refetch is None:
+            if isinstance(exc, BlobNotFound):
+                raise MissingFromCache(str(digest), [str(digest)]) from None
+            raise CorruptCachedBlob(
+                f"cached blob {digest} is corrupted ({exc}); offline, so it cannot be fetched"
+                " again: go online or run `kiln pull`"
+            ) from None
+        cache.discard(digest)
+        refetch(digest)
+        return cache.read(digest)
+
+
+def _open_store(store: Any, index: str | None) -> Any:
+    from artifacts.store import Store  # noqa: PLC0415
+
+    if store is not None and not isinstance(store, str | Path):
+        return store
+    return Store.open(str(store) if store else None, index, create=False)
+
+
+def resolve_and_pull(
+    ref: str,
+    store: Any = None,
+    cache: LocalCache | None = None,
+    index: str | None = None,
+    workers: int = 8,
+    progress: Any = None,
+) -> tuple[Any, Release, PullReport]:
+    """Online: resolve `ref` in the store and pull what it needs into the cache."""
+    cache = cache or LocalCache()
+    opened = _open_store(store, index)
+    digest = opened.resolve(ref).digest
+    release, report = pull_release(opened, cache, ref, digest, workers, progress)
+    parsed = parse_reference(ref)
+    if parsed.tag is not None:
+        cache.record_ref(f"{parsed.name}:{parsed.tag}", digest, opened.backend.url)
+    return opened, release, report
+
+
+def _offline_release(ref: str, cache: LocalCache) -> tuple[Digest, Release]:
+    parsed = parse_reference(ref)
+    digest: Digest | None
+    if parsed.digest is not None:
+        digest = parsed.digest
+    elif parsed.tag is not None:
+        digest = cache.lookup_ref(f"{parsed.name}:{parsed.tag}")
+        if digest is None:
+            raise MissingFromCache(ref, [f"{parsed.name}:{parsed.tag} (never pulled here)"])
+    else:
+        matches = [
+            b.digest for b in cache.blobs() if b.digest.startswith(f"sha256:{parsed.prefix}")
+        ]
+        if len(matches) != 1:
+            raise MissingFromCache(ref, [f"a unique cached digest starting {parsed.prefix}"])
+        digest = Digest.parse(matches[0])
+    if not cache.has(digest):
+        raise MissingFromCache(ref, [f"{digest} (the release manifest)"])
+    data = read_cached(cache, digest, None)
+    release = Release.from_bytes(data, source=f"manifest {digest}")
+    missing = [str(d) for d in needed_blobs(release) if not cache.has(d)]
+    if missing:
+        raise MissingFromCache(ref, missing)
+    return digest, release
+
+
+def load(
+    ref: str,
+    store: Any = None,
+    cache_dir: str | Path | None = None,
+    target: str | None = None,
+    offline: bool | None = None,
+    index: str | None = None,
+    workers: int = 8,
+) -> CompiledModel:
+    """Load a release for inference.
+
+    `store` is a store URL/path (default: KILN_STORE) or an open Store; `cache_dir` the local
+    cache (default: KILN_CACHE_DIR or ~/.cache/kiln/loader); with `offline` (or
+    KILN_OFFLINE=1) only the cache is used and anything missing is named.
+    """
+    cache = LocalCache(cache_dir)
+    offline = offline_default() if offline is None else offline
+    refetch: Refetch | None = None
+    if offline:
+        digest, release = _offline_release(ref, cache)
+    else:
+        opened, release, _ = resolve_and_pull(ref, store, cache, index, workers)
+        digest = Digest.parse(str(opened.resolve(ref).digest))
+
+        def refetch(bad: Digest) -> None:
+            with opened.open_blob(bad) as reader:
+                cache.backend.put(reader, expected=bad)
+
+    if target is not None and release.target != target:
+        raise WrongTarget(
+            f"{ref} ({digest.short}) was compiled for target {release.target}, not {target}"
+        )
+    if not release.graphs:
+        raise LoaderError(f"{ref}: the release has no graphs")
+    return model_for(release, digest, cache, refetch)

@@ -1,0 +1,106 @@
+"""The host's local cache: content-addressed like the store, shared by every model.
+
+`<cache>/blobs/sha256/ab/<rest>` holds verified blobs (written atomically); `<cache>/refs/`
+remembers which manifest a `name:tag` resolved to at the last online load, for offline use.
+A blob's mtime is touched when a model uses it, so pruning removes least recently used first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from artifacts.backends.local import LocalBlobBackend
+from artifacts.config import CACHE_ENV, user_cache_dir
+from artifacts.digest import Digest
+from artifacts.errors import BlobCorrupted, BlobNotFound, SizeMismatch
+from runtime_loader.errors import LoaderError
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or user_cache_dir() / "loader")
+
+
+@dataclass(frozen=True)
+class CachedBlob:
+    digest: str
+    size: int
+    last_used: float
+
+
+class LocalCache:
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root else default_cache_dir()
+        self.backend = LocalBlobBackend(self.root)
+        self.refs = self.root / "refs"
+
+    def has(self, digest: Digest) -> bool:
+        return self.backend.has(digest)
+
+    def read(self, digest: Digest) -> bytes:
+        """Verified bytes of a cached blob (BlobCorrupted / BlobNotFound otherwise)."""
+        with self.backend.open(digest) as reader:
+            data = reader.read_all()  # type: ignore[attr-defined]
+        self.touch(digest)
+        return data
+
+    def touch(self, digest: Digest) -> None:
+        try:
+            os.utime(self.backend.path_of(digest))
+        except OSError:
+            pass
+
+    def discard(self, digest: Digest) -> None:
+        self.backend.delete(digest)
+
+    def record_ref(self, ref: str, digest: Digest, store: str) -> None:
+        path = self._ref_path(ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"digest": str(digest), "store": store, "at": time.time()}))
+        os.replace(tmp, path)
+
+    def lookup_ref(self, ref: str) -> Digest | None:
+        try:
+            return Digest.parse(json.loads(self._ref_path(ref).read_text())["digest"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def _ref_path(self, ref: str) -> Path:
+        name, _, tag = ref.rpartition(":") if ":" in ref else (ref, "", "latest")
+        return self.refs / name / (tag or "latest")
+
+    def blobs(self) -> list[CachedBlob]:
+        out = []
+        for info in self.backend.iter_blobs():
+            try:
+                mtime = self.backend.path_of(info.digest).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            out.append(CachedBlob(str(info.digest), info.size, mtime))
+        return out
+
+    def prune(self, max_bytes: int, dry_run: bool = False) -> list[CachedBlob]:
+        """Delete least recently used blobs until the cache holds at most `max_bytes`."""
+        blobs = sorted(self.blobs(), key=lambda b: b.last_used)
+        total = sum(b.size for b in blobs)
+        removed = []
+        for blob in blobs:
+            if total <= max_bytes:
+                break
+            if not dry_run:
+                self.backend.delete(Digest.parse(blob.digest))
+            total -= blob.size
+            removed.append(blob)
+        self.backend.clean_temp()
+        return removed
+
+
+def is_corruption(exc: BaseException) -> bool:
+    return isinstance(exc, (BlobCorrupted, SizeMismatch))
+
+
+__all__ = ["BlobNotFound", "LocalCache", "LoaderError", "default_cache_dir", "is_corruption"]

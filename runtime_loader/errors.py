@@ -1,0 +1,37 @@
+"""The loader's exception hierarchy; every message says what is missing or wrong and where."""
+
+from __future__ import annotations
+
+
+class LoaderError(Exception):
+    """Root of every error the runtime loader raises on purpose."""
+
+
+class MissingFromCache(LoaderError):
+    """Offline, and the local cache lacks what the release needs."""
+
+    def __init__(self, ref: str, missing: list[str]) -> None:
+        self.missing = missing
+        listed = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        super().__init__(
+            f"offline: the cache lacks {len(missing)} blob(s) that {ref} needs: {listed}"
+            " (pull it while online: kiln pull REF)"
+        )
+
+
+class CorruptCachedBlob(LoaderError):
+    """Offline, and a cached blob does not match its digest."""
+
+
+class InputTooLarge(LoaderError, ValueError):
+    """An input longer than every compiled bucket."""
+
+
+class WrongTarget(LoaderError, ValueError):
+    """The release was compiled for another target."""
+
+
+class BadInput(LoaderError, ValueError):
+    """Inputs that do not fit the model's signature."""
