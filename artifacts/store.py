@@ -272,7 +272,7 @@ class Store:
             rows = conn.execute(
                 select(table)  # type: ignore[arg-type]
                 .where(table.c.name == dest.name, table.c.tag == dest.tag)
-                .order_by(table.c.at.desc(), table.c.id.desc())
+                .order_by(table.c.id.desc())  # insertion order: written under the tag lock
             ).all()
             if not rows:
                 raise ReferenceNotFound(

@@ -75,6 +75,10 @@ class VerifyingReader(io.RawIOBase):
         n = self._raw.readinto(buffer)
         if n:
             self._hasher.update(memoryview(buffer)[:n])
+            # With a known size, check as the last bytes arrive: a reader that stops at
+            # `size` without reading EOF still never gets unverified bytes.
+            if self._size is not None and self._hasher.size >= self._size and not self._checked:
+                self._check()
         elif not self._checked:
             self._check()
         return n or 0

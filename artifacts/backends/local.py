@@ -66,11 +66,13 @@ class LocalBlobBackend:
             raw = open(path, "rb", buffering=0)
         except FileNotFoundError:
             raise BlobNotFound(digest, self.url) from None
-        return VerifyingReader(raw, digest, str(path))  # type: ignore[return-value]
+        size = os.fstat(raw.fileno()).st_size
+        return VerifyingReader(raw, digest, str(path), size)  # type: ignore[return-value]
 
     def put(self, stream: IO[bytes], expected: Digest | None = None) -> PutResult:
         if expected is not None and self.has(expected):
-            # Still drain nothing: the caller's bytes are identical by definition of the key.
+            # Same digest, same bytes: nothing to read. (A corrupted copy is repaired by a
+            # put without `expected`, or by deleting it first.)
             return PutResult(expected, self.path_of(expected).stat().st_size, False)
         hasher = Hasher()
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp_root, suffix=TEMP_SUFFIX)
@@ -98,14 +100,16 @@ class LocalBlobBackend:
             if expected is not None and digest != expected:
                 raise BlobCorrupted(expected, digest, "<upload stream>")
             final = self.path_of(digest)
-            if final.exists():
-                tmp.unlink()
-                return PutResult(digest, hasher.size, False)
-            final.parent.mkdir(exist_ok=True)
+            created = not final.exists()
+            # Even when the blob exists, the verified bytes replace it: that repairs a
+            # corrupted copy, and an atomic replace by identical bytes is harmless.
+            if not final.parent.is_dir():
+                final.parent.mkdir(exist_ok=True)
+                _fsync_dir(final.parent.parent)
             os.chmod(tmp, 0o444)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-            return PutResult(digest, hasher.size, True)
+            return PutResult(digest, hasher.size, created)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
