@@ -124,6 +124,9 @@ class Runner:
         self.report = RunReport(run_id=uuid.uuid4().hex)
         self.total = sum(len(p.jobs) for p in plans)
         self.urls = (store.backend.url, store.index_url)
+        # hlo_key -> traced jobs waiting on a compile of the same HLO already in flight
+        # (e.g. two models of one architecture in a spec): compile once, share the result.
+        self._waiting: dict[str, list[TracedJob]] = {}
 
     def _finish(self, item: ItemResult) -> None:
         self.report.items.append(item)
@@ -176,21 +179,12 @@ class Runner:
         for job, message in outcome.failed:
             self._finish(ItemResult(job, FAILED, error=message))
         for traced in outcome.traced:
+            if traced.hlo_key in self._waiting:
+                self._waiting[traced.hlo_key].append(traced)
+                continue
             hit = find_compilation(self.store, traced.hlo_key, traced.signature)
             if hit is not None:
-                from artifacts.index import ops  # noqa: PLC0415
-
-                with write_transaction(self.store.engine) as conn:
-                    ops.record_recipe(
-                        conn,
-                        traced.job.direct_key,
-                        traced.hlo_key,
-                        traced.hlo_digest,
-                        traced.signature,
-                    )
-                self._finish(
-                    ItemResult(traced.job, HIT_HLO, hit, traced.hlo_key, traced.trace_seconds)
-                )
+                self._hlo_hit(traced, hit)
                 continue
             if not self.options.retry_failed:
                 failure = known_failure(self.store, traced.hlo_key)
@@ -207,20 +201,49 @@ class Runner:
                     continue
             future = self.executor.submit(compile_graph, *self.urls, traced, self.options.timeout)
             pending[future] = ("compile", traced)
+            self._waiting[traced.hlo_key] = []
+
+    def _hlo_hit(self, traced: TracedJob, hit: CompiledGraph) -> None:
+        from artifacts.index import ops  # noqa: PLC0415
+
+        with write_transaction(self.store.engine) as conn:
+            ops.record_recipe(
+                conn, traced.job.direct_key, traced.hlo_key, traced.hlo_digest, traced.signature
+            )
+        self._finish(ItemResult(traced.job, HIT_HLO, hit, traced.hlo_key, traced.trace_seconds))
+
+    def _release_waiting(self, traced: TracedJob, error: str | None) -> None:
+        """Finish the jobs that waited on `traced`'s compile: HLO hits, or failed with it."""
+        for waiter in self._waiting.pop(traced.hlo_key, []):
+            hit = None if error else find_compilation(self.store, waiter.hlo_key, waiter.signature)
+            if hit is not None:
+                self._hlo_hit(waiter, hit)
+                continue
+            self._finish(
+                ItemResult(
+                    waiter.job,
+                    FAILED,
+                    hlo_key=waiter.hlo_key,
+                    trace_seconds=waiter.trace_seconds,
+                    error=f"same HLO as {traced.job.label}, whose compile failed: {error}",
+                )
+            )
 
     def _on_compiled(self, future: Future, traced: TracedJob) -> None:  # type: ignore[type-arg]
         try:
             outcome: CompileOutcome = future.result()
         except Exception as exc:  # noqa: BLE001 - e.g. the worker was killed
+            error = f"compile worker failed: {type(exc).__name__}: {exc}"
             self._finish(
                 ItemResult(
                     traced.job,
                     FAILED,
                     hlo_key=traced.hlo_key,
                     trace_seconds=traced.trace_seconds,
-                    error=f"compile worker failed: {type(exc).__name__}: {exc}",
+                    error=error,
                 )
             )
+            self._release_waiting(traced, error)
             return
         self._finish(
             ItemResult(
@@ -234,6 +257,7 @@ class Runner:
                 outcome.error,
             )
         )
+        self._release_waiting(traced, None if outcome.compiled else outcome.error or "failed")
 
     def _publish(self) -> None:
         by_job = {i.job: i for i in self.report.items}
