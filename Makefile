@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[pipeline,loader,examples,dev]'
+	$(BIN)/pip install --quiet -e '.[pipeline,loader,examples,ray,dev]'
 	touch $(STAMP)
 
 demo: setup

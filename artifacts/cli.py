@@ -1,4 +1,5 @@
-"""The store commands: ls, show, stats, history, diff, tag, verify, gc, reindex, export, import."""
+"""The store commands: ls, show, stats, history, diff, tag, verify, gc, reindex, export, import,
+copy."""
 
 from __future__ import annotations
 
@@ -113,30 +114,150 @@ def stats_command(store_url: str | None, index_url: str | None, as_json: bool) -
         )
 
 
+def _compilations(store, column: str, value: str) -> list[tuple[str, dict[str, Any]]]:  # type: ignore[no-untyped-def]
+    """(record digest, compile record) of the compilations whose `column` is `value`."""
+    from sqlalchemy import select  # noqa: PLC0415
+
+    from artifacts.digest import Digest  # noqa: PLC0415
+    from artifacts.index.models import CompilationRow  # noqa: PLC0415
+
+    with store.engine.connect() as conn:
+        digests = conn.execute(
+            select(CompilationRow.record_digest)
+            .where(getattr(CompilationRow, column) == value)
+            .order_by(CompilationRow.created_at.desc())
+        ).scalars()
+        found = list(digests)
+    return [(d, json.loads(store.read_bytes(Digest.parse(d)))) for d in found]
+
+
+def _echo_compilation(digest: str, record: dict[str, Any]) -> None:
+    """A compile record, with the triaged cause and next step of a failure."""
+    status = record.get("status", "?")
+    reason = f" ({record['reason']})" if record.get("reason") else ""
+    click.echo(f"compilation: {digest}\nhlo key:     {record.get('hlo_key')}")
+    click.echo(f"status:      {status}{reason}")
+    click.echo(
+        f"compiler:    {record.get('compiler')} {record.get('compiler_version')}"
+        f"  target {record.get('target')}  flags {' '.join(record.get('flags', [])) or '-'}"
+    )
+    click.echo(f"hlo:         {record.get('hlo_digest')}")
+    if record.get("executable_digest"):
+        exe = record["executable_digest"]
+        click.echo(f"executable:  {exe} ({record.get('executable_format')})")
+    click.echo(f"log:         {record.get('log_digest') or '-'}")
+    click.echo(f"seconds:     {float(record.get('seconds') or 0):.1f}")
+    provenance = record.get("provenance") or {}
+    if isinstance(provenance, dict) and provenance.get("source") == "neuron-cache":
+        click.echo(f"imported:    from a Neuron cache, {provenance.get('folder')}")
+    if record.get("error"):
+        click.echo(f"error:       {record['error']}")
+    triage = record.get("triage") or {}
+    if triage:
+        code = f" [{triage['code']}]" if triage.get("code") else ""
+        click.echo(f"cause:       {triage.get('summary')}{code}")
+        if triage.get("line"):
+            click.echo(f"log line:    {triage['line']}")
+        click.echo(f"next step:   {triage.get('suggestion')}")
+
+
+def _echo_neff(store, digest) -> None:  # type: ignore[no-untyped-def]
+    from artifacts.neff import NeffError, read_neff_header  # noqa: PLC0415
+
+    try:
+        click.echo(f"neff:     {read_neff_header(store, digest).describe()}")
+    except NeffError as exc:
+        click.echo(f"neff:     INVALID: {exc}")
+
+
+def _neff_headers(store, release) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """executable digest -> NeffHeader (or the problem, as text) for a release's NEFF graphs."""
+    from artifacts.errors import ArtifactError  # noqa: PLC0415
+    from artifacts.neff import read_neff_header  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    for g in release.graphs:
+        if g.format == "neff":
+            try:
+                out[str(g.executable.digest)] = read_neff_header(store, g.executable.digest)
+            except ArtifactError as exc:  # a bad header, or a missing blob
+                out[str(g.executable.digest)] = f"INVALID: {exc}"
+    return out
+
+
 @click.command("show")
 @click.argument("ref")
+@click.option(
+    "--compilation",
+    "by_hlo_key",
+    is_flag=True,
+    help="REF is an HLO key: show every compile of it, newest first (failures with cause).",
+)
 @store_options
 @json_option
-def show_command(ref: str, store_url: str | None, index_url: str | None, as_json: bool) -> None:
-    """Show a release (NAME:TAG, NAME@DIGEST, digest or prefix) or any blob by digest."""
+def show_command(
+    ref: str, by_hlo_key: bool, store_url: str | None, index_url: str | None, as_json: bool
+) -> None:
+    """Show a release (NAME:TAG, NAME@DIGEST, digest or prefix) or any blob by digest: a
+    NEFF's header, a compile record or a compile log with the cause of a failed compile."""
     from artifacts.errors import ReferenceNotFound  # noqa: PLC0415
     from artifacts.inspect import show_blob, show_release  # noqa: PLC0415
 
     with open_store(store_url, index_url) as store:
+        if by_hlo_key:
+            records = _compilations(store, "hlo_key", ref)
+            if not records:
+                raise ReferenceNotFound(f"no compilation of HLO key {ref!r} in this store")
+            if as_json:
+                emit_json([{"record_digest": d, **r} for d, r in records])
+                return
+            for i, (d, r) in enumerate(records):
+                if i:
+                    click.echo("")
+                _echo_compilation(d, r)
+            return
         try:
             view = show_release(store, ref)
         except ReferenceNotFound:
+            from artifacts.neff import NeffError, is_neff_blob, read_neff_header  # noqa: PLC0415
+
             digest = store.resolve_blob(ref)
             blob = show_blob(store, digest)
+            records = _compilations(store, "record_digest", str(digest)) or _compilations(
+                store, "log_digest", str(digest)
+            )
+            neff = is_neff_blob(store, digest)
             if as_json:
-                emit_json(blob.to_json())
-            else:
-                click.echo(f"blob:     {blob.digest}\nkind:     {blob.kind or 'data'}")
-                click.echo(f"size:     {human_size(blob.size)} ({blob.size} B)")
-                click.echo(f"used by:  {', '.join(blob.referenced_by) or '-'}")
+                out = blob.to_json()
+                if records:
+                    out["compilations"] = [{"record_digest": d, **r} for d, r in records]
+                if neff:
+                    try:
+                        out["neff"] = read_neff_header(store, digest).to_json()
+                    except NeffError as exc:
+                        out["neff_error"] = str(exc)
+                emit_json(out)
+                return
+            click.echo(f"blob:     {blob.digest}\nkind:     {blob.kind or 'data'}")
+            click.echo(f"size:     {human_size(blob.size)} ({blob.size} B)")
+            click.echo(f"used by:  {', '.join(blob.referenced_by) or '-'}")
+            if neff:
+                _echo_neff(store, digest)
+            for d, r in records:
+                click.echo("")
+                _echo_compilation(d, r)
+            if records and str(digest) == records[0][1].get("log_digest"):
+                tail = store.read_bytes(digest).decode("utf-8", "replace").splitlines()[-20:]
+                click.echo("\nlog (last lines):\n" + "\n".join(f"  {line}" for line in tail))
             return
+        headers = _neff_headers(store, view.release)
     if as_json:
-        emit_json(view.to_json())
+        out = view.to_json()
+        if headers:
+            out["neff_headers"] = {
+                d: h if isinstance(h, str) else h.to_json() for d, h in headers.items()
+            }
+        emit_json(out)
         return
     r = view.release
     click.echo(f"release:   {r.name}@{view.digest}")
@@ -179,6 +300,13 @@ def show_command(ref: str, store_url: str | None, index_url: str | None, as_json
             ],
         )
     )
+    if headers:
+        click.echo("\nNEFF headers:")
+        for g in r.graphs:
+            header = headers.get(str(g.executable.digest))
+            if header is not None:
+                text = header if isinstance(header, str) else header.describe()
+                click.echo(f"  {g.kind} {g.bucket_label}: {text}")
 
 
 @click.command("history")
@@ -439,6 +567,61 @@ def import_command(
     )
 
 
+@click.command("copy")
+@click.argument("ref")
+@click.option(
+    "--from",
+    "from_url",
+    envvar=STORE_ENV,
+    metavar="URL",
+    help=f"Source store (path, file://PATH or s3://BUCKET/PREFIX) [env {STORE_ENV}].",
+)
+@click.option("--to", "to_url", required=True, metavar="URL", help="Destination store.")
+@click.option(
+    "--from-index",
+    envvar=INDEX_ENV,
+    metavar="URL",
+    help=f"Source index URL [env {INDEX_ENV}].",
+)
+@click.option("--to-index", metavar="URL", help="Destination index URL (default: its own).")
+@click.option(
+    "--tag",
+    "tag",
+    metavar="NAME:TAG",
+    help="Tag to move in the destination (default: the tag REF names, if it names one).",
+)
+@click.option("--workers", default=4, show_default=True, help="Blobs copied at once.")
+@json_option
+def copy_command(
+    ref: str,
+    from_url: str | None,
+    to_url: str,
+    from_index: str | None,
+    to_index: str | None,
+    tag: str | None,
+    workers: int,
+    as_json: bool,
+) -> None:
+    """Promote release REF to another store: missing blobs (verified), manifest, tag last."""
+    from artifacts.copy import copy_release, open_stores  # noqa: PLC0415
+    from artifacts.progress import ProgressLine  # noqa: PLC0415
+
+    source, destination = open_stores(from_url, to_url, from_index, to_index)
+    with source, destination:
+        report = copy_release(
+            source, destination, ref, tag, workers, ProgressLine("copy", not as_json)
+        )
+    if as_json:
+        emit_json(report.to_json())
+        return
+    tagged = f"; {report.tag} -> {short(str(report.digest))}" if report.tag else ""
+    click.echo(
+        f"{report.name}@{short(str(report.digest))}: {report.copied} blobs copied"
+        f" ({human_size(report.bytes_copied)}), {report.present} already present"
+        f" in {report.destination}{tagged}"
+    )
+
+
 COMMANDS = [
     ls_command,
     stats_command,
@@ -451,4 +634,5 @@ COMMANDS = [
     reindex_command,
     export_command,
     import_command,
+    copy_command,
 ]

@@ -148,9 +148,14 @@ def plan_gc(store: Store, policy: GcPolicy = GcPolicy(), now: float | None = Non
 
 
 def _young(store: Store, info: BlobInfo, cutoff: float) -> bool:
+    """Written after `cutoff` (by file mtime, or the object's modification time on S3)."""
+    modified_at = getattr(store.backend, "modified_at", None)
+    if modified_at is not None:
+        when = modified_at(info.digest)
+        return when is not None and when >= cutoff
     path_of = getattr(store.backend, "path_of", None)
     if path_of is None:
-        return False
+        return True  # unknown age: never sweep what might be in flight
     try:
         return os.stat(path_of(info.digest)).st_mtime >= cutoff
     except FileNotFoundError:

@@ -137,3 +137,12 @@ def _dedupe(problems: Iterable[Problem]) -> list[Problem]:
             seen.add(p)
             out.append(p)
     return out
+
+
+def _register_builtin_checks() -> None:
+    from artifacts.neff import neff_blob_check  # noqa: PLC0415
+
+    register_blob_check(neff_blob_check)
+
+
+_register_builtin_checks()

@@ -81,6 +81,28 @@ def plan_command(
     "--timeout", type=float, default=3600.0, show_default=True, help="Seconds per graph compile."
 )
 @click.option("--no-retry-failed", is_flag=True, help="Skip graphs whose last compile failed.")
+@click.option(
+    "--executor",
+    "executor_kind",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where work runs: a local process pool, or Ray tasks (RAY_ADDRESS, else local Ray).",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Compile only shard I (0-based) of N of the planned graphs; publishes nothing.",
+)
+@click.option(
+    "--shard-count",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Like --shard I/N with I from JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX.",
+)
+@click.option("--no-publish", is_flag=True, help="Compile and record; tag no releases.")
 @store_options
 @json_option
 def compile_command(
@@ -91,39 +113,64 @@ def compile_command(
     flags: tuple[str, ...],
     timeout: float,
     no_retry_failed: bool,
+    executor_kind: str,
+    shard: str | None,
+    shard_count: int | None,
+    no_publish: bool,
     store_url: str | None,
     index_url: str | None,
     as_json: bool,
 ) -> None:
-    """Compile every graph of SPEC that the cache does not already hold, then tag releases."""
+    """Compile every graph of SPEC that the cache does not already hold, then tag releases.
+
+    With --shard I/N (or --shard-count N in an Indexed Job / array job) only that shard's
+    graphs are compiled and nothing is published: a final unsharded run tags the releases."""
     from artifacts.refs import TAG_RE  # noqa: PLC0415
     from pipeline.executors import make_executor  # noqa: PLC0415
     from pipeline.jobs import plan_spec  # noqa: PLC0415
     from pipeline.run import Runner, RunOptions  # noqa: PLC0415
+    from pipeline.shard import ShardError, resolve_shard, select_shard  # noqa: PLC0415
     from pipeline.spec import load_spec  # noqa: PLC0415
 
     if tag is not None and not TAG_RE.match(tag):
         raise click.BadParameter("must be letters, digits, '.', '_' or '-'", param_hint="--tag")
+    try:
+        part = resolve_shard(shard, shard_count, os.environ)
+    except ShardError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard/--shard-count") from None
     spec = load_spec(spec_path)
     with open_store(store_url, index_url) as store:
         plans = plan_spec(spec, store, backend, _flags(flags))
-        executor = make_executor("local", workers or os.cpu_count() or 1)
+        if part is not None:
+            plans = select_shard(plans, part)
+        executor = make_executor(executor_kind, workers or os.cpu_count() or 1)
         try:
             runner = Runner(
                 store,
                 spec,
                 plans,
                 executor,
-                RunOptions(tag=tag, timeout=timeout, retry_failed=not no_retry_failed),
+                RunOptions(
+                    tag=tag,
+                    timeout=timeout,
+                    retry_failed=not no_retry_failed,
+                    publish=not no_publish and part is None,
+                ),
                 progress=None if as_json else _progress,
             )
             report = runner.run()
         finally:
             executor.shutdown()
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        data = report.to_json()
+        if part is not None:
+            data["shard"] = {"index": part.index, "count": part.count}
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         _print_summary(report)
+        if part is not None or no_publish:
+            where = f"shard {part}: " if part is not None else ""
+            click.echo(f"{where}no releases published (run `kiln compile SPEC` to tag them)")
     if not report.ok:
         sys.exit(1)
 
@@ -173,3 +220,92 @@ def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
         click.echo(f"release {p.ref} -> {p.digest} ({state})")
     for line in report.not_released:
         click.echo(f"not released: {line}")
+
+
+@click.command("import-neuron-cache")
+@click.argument("path", metavar="PATH")
+@click.option("--dry-run", is_flag=True, help="Report what would be imported; store nothing.")
+@click.option(
+    "--default-target",
+    type=click.Choice(["inf2", "trn1", "trn1n", "trn2"]),
+    default="inf2",
+    show_default=True,
+    help="Target of entries whose compile_flags.json has no --target.",
+)
+@store_options
+@json_option
+def import_neuron_cache_command(
+    path: str,
+    dry_run: bool,
+    default_target: str,
+    store_url: str | None,
+    index_url: str | None,
+    as_json: bool,
+) -> None:
+    """Import a Neuron persistent cache (PATH: a folder, a neuronxcc-<version> folder in
+    it, or s3://BUCKET/PREFIX) as Kiln compilations: complete entries are imported once;
+    incomplete, failed and locked ones are reported."""
+    from artifacts.table import human_size  # noqa: PLC0415
+    from pipeline.neuron_cache import (  # noqa: PLC0415
+        IMPORTED,
+        PRESENT,
+        STATUSES,
+        import_neuron_cache,
+    )
+
+    with open_store(store_url, index_url) as store:
+        report = import_neuron_cache(store, path, dry_run=dry_run, default_target=default_target)
+    if as_json:
+        emit_json(report.to_json())
+        return
+    verb = "would import" if dry_run else IMPORTED
+    if report.entries:
+        click.echo(
+            render_table(
+                ["STATUS", "ENTRY", "TARGET", "DETAIL"],
+                [
+                    [
+                        {IMPORTED: verb, PRESENT: "already present"}.get(e.status, e.status),
+                        e.folder,
+                        e.target or "-",
+                        e.detail or " ".join(e.flags) or "-",
+                    ]
+                    for e in report.entries
+                ],
+            )
+        )
+        click.echo("")
+    else:
+        click.echo(f"no neuronxcc-*/MODULE_* entries under {report.source}")
+    click.echo(
+        render_table(
+            [verb.upper(), "ALREADY PRESENT", *map(str.upper, STATUSES[2:]), "BYTES"],
+            [[*(report.count(s) for s in STATUSES), human_size(report.bytes)]],
+        )
+    )
+
+
+@click.command("export-neuron-cache")
+@click.argument("ref")
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@store_options
+@json_option
+def export_neuron_cache_command(
+    ref: str, path: Path, store_url: str | None, index_url: str | None, as_json: bool
+) -> None:
+    """Write REF's NEFFs (a release, an HLO key or a compile record) into PATH in the Neuron
+    cache layout, under the folder names they were imported with (else
+    neuronxcc-<version>/MODULE_<hlo key hex[:20]>), for torch-neuronx to find."""
+    from artifacts.table import human_size  # noqa: PLC0415
+    from pipeline.neuron_cache import export_neuron_cache  # noqa: PLC0415
+
+    with open_store(store_url, index_url, create=False) as store:
+        report = export_neuron_cache(store, ref, path)
+    if as_json:
+        emit_json(report.to_json())
+        return
+    for e in report.entries:
+        click.echo(f"{e.status:<8} {e.folder}")
+    for line in report.skipped:
+        click.echo(f"skipped  {line}")
+    click.echo(f"{len(report.entries)} entries ({human_size(report.bytes)}) -> {report.path}")

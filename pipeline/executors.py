@@ -32,6 +32,10 @@ class LocalPool:
 def make_executor(kind: str, workers: int) -> Executor:
     if kind == "local":
         return LocalPool(workers)
+    if kind == "ray":  # imported only here: ray is an optional extra
+        from pipeline.ray_executor import RayExecutor  # noqa: PLC0415
+
+        return RayExecutor(workers)
     from pipeline.errors import PipelineError  # noqa: PLC0415
 
-    raise PipelineError(f"unknown executor {kind!r}; choose local")
+    raise PipelineError(f"unknown executor {kind!r}; choose local or ray")

@@ -16,7 +16,8 @@ from artifacts.index.models import BlobRow, CompilationRow, RecipeRow, WeightsRo
 from artifacts.store import Store
 from pipeline.compile import backend_for_target
 from pipeline.keys import architecture_digest, direct_key, weights_key
-from pipeline.sources import raw_config, tracer_versions, weights_identity
+from pipeline.neuron_flags import NeuronFlagError, validate_flags
+from pipeline.sources import raw_config, weights_identity
 from pipeline.spec import Bucket, ModelSpec, Spec
 
 
@@ -109,6 +110,10 @@ def unavailable_message(compiler: str, target: str) -> str:
 def plan_model(
     model: ModelSpec, backend: str, store: Store, flags_override: tuple[str, ...] | None
 ) -> ModelPlan:
+    from pipeline.tracers import require_tracer, tracer_identity  # noqa: PLC0415
+
+    require_tracer(model.tracer)  # a missing tracer package fails the plan, not each graph
+    tracer = tracer_identity(model.tracer)
     config = raw_config(model)
     arch = architecture_digest({**config, "_kiln_task": model.task})
     wkey = weights_key(source={"task": model.task, **weights_identity(model)}, dtype=model.dtype)
@@ -117,6 +122,11 @@ def plan_model(
         compiler = backend_for_target(target, backend)
         version = compiler_version(compiler)
         flags = flags_override if flags_override is not None else model.flags_for(target)
+        if compiler == "neuronx-cc":  # checked and canonical before anything is compiled
+            try:
+                flags = validate_flags(target, flags)
+            except NeuronFlagError as exc:
+                raise NeuronFlagError(f"model {model.name}, target {target}: {exc}") from None
         for kind in model.graph_kinds:
             for bucket in model.buckets:
                 key = direct_key(
@@ -124,7 +134,7 @@ def plan_model(
                     graph_kind=kind,
                     bucket=bucket.to_json(),
                     dtype=model.dtype,
-                    tracer=tracer_versions(),
+                    tracer=tracer,
                     compiler=compiler,
                     compiler_version=version or "missing",
                     flags=flags,

@@ -245,6 +245,10 @@ class Runner:
             )
             self._release_waiting(traced, error)
             return
+        if outcome.hit and outcome.compiled is not None:  # another worker compiled it
+            self._hlo_hit(traced, outcome.compiled)
+            self._release_waiting(traced, None)
+            return
         self._finish(
             ItemResult(
                 traced.job,

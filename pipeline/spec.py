@@ -13,6 +13,7 @@ from typing import Any
 from artifacts.digest import Digest
 from artifacts.refs import NAME_RE, TAG_RE
 from pipeline.errors import SpecError
+from pipeline.tracers import DEFAULT_TRACER, TRACERS
 
 TASKS = ("encoder", "causal-lm")
 TARGETS = ("cpu", "inf2", "trn1", "trn2")
@@ -63,6 +64,7 @@ class ModelSpec:
     targets: tuple[str, ...]
     flags: dict[str, tuple[str, ...]]
     tag: str
+    tracer: str = DEFAULT_TRACER  # "torch-xla" or "torch-neuronx" (pipeline.tracers)
 
     @property
     def buckets(self) -> tuple[Bucket, ...]:
@@ -183,7 +185,34 @@ def _flags_by_target(
     return {t: flags for t in targets}
 
 
-MODEL_KEYS = {"name", "source", "task", "buckets", "dtype", "targets", "compiler_flags", "tag"}
+MODEL_KEYS = {
+    "name",
+    "source",
+    "task",
+    "buckets",
+    "dtype",
+    "targets",
+    "compiler_flags",
+    "tag",
+    "tracer",
+}
+
+
+def _check_neuron_flags(
+    flags: dict[str, tuple[str, ...]], where: str, per_target: bool, errors: _Path
+) -> None:
+    """Reject neuronx-cc flags that cannot work for their target (before any compile)."""
+    from pipeline.neuron_flags import NEURON_TARGETS, NeuronFlagError, validate_flags  # noqa: PLC0415
+
+    for target, target_flags in flags.items():
+        if target not in NEURON_TARGETS:
+            continue
+        try:
+            validate_flags(target, target_flags)
+        except NeuronFlagError as exc:
+            if per_target:
+                errors.fail(f"{where}.{target}", str(exc))
+            errors.fail(where, f"for target {target}: {exc}")
 
 
 def parse_spec(data: Any, file: str, base: Path | None = None, raw: bytes = b"") -> Spec:
@@ -250,10 +279,21 @@ def parse_spec(data: Any, file: str, base: Path | None = None, raw: bytes = b"")
         flags = _flags_by_target(
             merged.get("compiler_flags"), f"{where}.compiler_flags", errors, targets
         )
+        _check_neuron_flags(
+            flags,
+            f"{where}.compiler_flags",
+            isinstance(merged.get("compiler_flags"), dict),
+            errors,
+        )
         tag = merged.get("tag", "latest")
         if not isinstance(tag, str) or not TAG_RE.match(tag):
             errors.fail(f"{where}.tag", "must be letters, digits, '.', '_' or '-'")
-        models.append(ModelSpec(name, source, task, batches, seqs, dtype, targets, flags, tag))
+        tracer = merged.get("tracer", DEFAULT_TRACER)
+        if tracer not in TRACERS:
+            errors.fail(f"{where}.tracer", f"must be one of {TRACERS}")
+        models.append(
+            ModelSpec(name, source, task, batches, seqs, dtype, targets, flags, tag, tracer)
+        )
     return Spec(file, Digest.of_bytes(raw), tuple(models))
 
 

@@ -16,13 +16,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
+
+from artifacts import leases
 from artifacts.digest import Digest, canonical_json
 from artifacts.index import ops
 from artifacts.index.db import write_transaction
+from artifacts.index.models import CompilationRow
 from artifacts.records import COMPILATION_MEDIA_TYPE
 from artifacts.reindex import index_compilation
 from artifacts.store import Store
-from pipeline.jobs import CompiledGraph, GraphJob
+from pipeline.jobs import CompiledGraph, GraphJob, find_compilation
 from pipeline.keys import hlo_key
 from pipeline.spec import ModelSpec
 
@@ -55,6 +59,7 @@ class CompileOutcome:
     log_digest: str | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    hit: bool = False  # another worker compiled it meanwhile (`compiled` is its result)
 
 
 @lru_cache(maxsize=4)
@@ -88,7 +93,8 @@ def trace_model(
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.sources import load_model  # noqa: PLC0415
-    from pipeline.trace import hlo_digest_bytes, trace_graph, weights_state_dict  # noqa: PLC0415
+    from pipeline.trace import hlo_digest_bytes, weights_state_dict  # noqa: PLC0415
+    from pipeline.tracers import get_tracer  # noqa: PLC0415
 
     store = _store(store_url, index_url) if write or weights_key else None
     start = time.monotonic()
@@ -114,7 +120,7 @@ def trace_model(
             )
             if not cpu_tensors:
                 cpu_tensors = weights_state_dict(module)
-            graph = trace_graph(module, inputs, outputs)
+            graph = get_tracer(model.tracer)(module, inputs, outputs)
         except Exception as exc:  # noqa: BLE001 - a failed trace fails only its graphs
             for job in jobs:
                 if (job.graph_kind, job.bucket) == (kind, bucket):
@@ -161,23 +167,74 @@ def _store_weights(store: Store, key: str, tensors: dict[str, Any]) -> tuple[str
 def compile_graph(
     store_url: str, index_url: str, traced: TracedJob, timeout: float
 ) -> CompileOutcome:
+    """Compile one traced graph, unless another worker sharing the index does.
+
+    Holds the lease `compile:<hlo key>` while compiling (heartbeated; $KILN_LEASE_TTL). While
+    another live worker holds it, waits for that worker's compile record: its success is an
+    HLO hit (`hit=True`), its failure this graph's failure. A crashed holder's lease expires
+    and is taken over.
+    """
+    store = _store(store_url, index_url)
+    key, owner, ttl = f"compile:{traced.hlo_key}", leases.new_owner(), leases.lease_ttl()
+    seen = _last_compilation_id(store, traced.hlo_key)
+    done = leases.acquire_or_wait(
+        store, key, owner, ttl, lambda: _compiled_elsewhere(store, traced, seen)
+    )
+    if done is not None:
+        return done
+    with leases.keep(store, key, owner, ttl):
+        done = _compiled_elsewhere(store, traced, seen)  # finished just before we acquired
+        return done if done is not None else _compile(store, traced, timeout)
+
+
+def _last_compilation_id(store: Store, key: str) -> int:
+    with store.engine.connect() as conn:
+        last = conn.execute(
+            select(func.max(CompilationRow.id)).where(CompilationRow.hlo_key == key)
+        ).scalar_one()
+    return int(last or 0)
+
+
+def _compiled_elsewhere(store: Store, traced: TracedJob, after_id: int) -> CompileOutcome | None:
+    """A success of the key (an HLO hit), or a failure recorded since `after_id`, or None."""
+    hit = find_compilation(store, traced.hlo_key, traced.signature)
+    if hit is not None:
+        return CompileOutcome(traced.job, traced, hit, log_digest=hit.log_digest, hit=True)
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            select(CompilationRow.error, CompilationRow.log_digest)
+            .where(
+                CompilationRow.hlo_key == traced.hlo_key,
+                CompilationRow.status != "ok",
+                CompilationRow.id > after_id,
+            )
+            .order_by(CompilationRow.id.desc())
+        ).first()
+    if row is None:
+        return None
+    error = f"{row.error or 'failed'} (compiled by another worker at the same time)"
+    return CompileOutcome(traced.job, traced, None, error, row.log_digest)
+
+
+def _compile(store: Store, traced: TracedJob, timeout: float) -> CompileOutcome:
     """Compile one traced graph; store executable, log and a compile record (even on failure)."""
     from pipeline.compile import get_compiler  # noqa: PLC0415
     from pipeline.errors import CompileError  # noqa: PLC0415
 
-    store = _store(store_url, index_url)
     job = traced.job
     hlo = store.read_bytes(Digest.parse(traced.hlo_digest))
     compiler = get_compiler(job.compiler)
     start = time.monotonic()
     result = error = None
     reason = None
+    returncode: int | None = None
     with tempfile.TemporaryDirectory(prefix="kiln-compile-") as workdir:
         try:
             result = compiler.compile(hlo, job.target, job.flags, Path(workdir), timeout)
             log = result.log
         except CompileError as exc:
             error, reason, log = str(exc), exc.reason, exc.log
+            returncode = exc.returncode
         except Exception as exc:  # noqa: BLE001 - record any compiler crash as a failure
             error, reason, log = f"{type(exc).__name__}: {exc}", "exit", ""
     seconds = time.monotonic() - start
@@ -202,6 +259,10 @@ def compile_graph(
         "provenance": {"host": socket.gethostname(), "pid": os.getpid()},
         "recipe": {"direct_key": job.direct_key, "signature": traced.signature},
     }
+    if result is None and job.compiler == "neuronx-cc":
+        from pipeline.triage import triage  # noqa: PLC0415
+
+        record["triage"] = triage(log, returncode, reason).to_json()
     record_put = store.put_bytes(canonical_json(record), kind="compilation")
     with write_transaction(store.engine) as conn:
         index_compilation(conn, str(record_put.digest), record)

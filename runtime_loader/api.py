@@ -56,12 +56,14 @@ def resolve_and_pull(
     index: str | None = None,
     workers: int = 8,
     progress: Any = None,
+    target: str | None = None,
 ) -> tuple[Any, Release, PullReport]:
-    """Online: resolve `ref` in the store and pull what it needs into the cache."""
+    """Online: resolve `ref` in the store and pull what it needs into the cache (nothing
+    but the manifest when `target` is given and the release is for another target)."""
     cache = cache or LocalCache()
     opened = _open_store(store, index)
     digest = opened.resolve(ref).digest
-    release, report = pull_release(opened, cache, ref, digest, workers, progress)
+    release, report = pull_release(opened, cache, ref, digest, workers, progress, target)
     parsed = parse_reference(ref)
     if parsed.tag is not None:
         cache.record_ref(f"{parsed.name}:{parsed.tag}", digest, opened.backend.url)
@@ -115,7 +117,7 @@ def load(
     if offline:
         digest, release = _offline_release(ref, cache)
     else:
-        opened, release, _ = resolve_and_pull(ref, store, cache, index, workers)
+        opened, release, _ = resolve_and_pull(ref, store, cache, index, workers, target=target)
         digest = Digest.parse(str(opened.resolve(ref).digest))
 
         def refetch(bad: Digest) -> None:

@@ -42,13 +42,16 @@ def pull_command(
     from artifacts.progress import ProgressLine  # noqa: PLC0415
     from runtime_loader.api import resolve_and_pull  # noqa: PLC0415
     from runtime_loader.cache import LocalCache  # noqa: PLC0415
-    from runtime_loader.errors import WrongTarget  # noqa: PLC0415
 
-    _, release, report = resolve_and_pull(
-        ref, store_url, LocalCache(cache_dir), index_url, workers, ProgressLine("pull", not as_json)
+    _, _, report = resolve_and_pull(
+        ref,
+        store_url,
+        LocalCache(cache_dir),
+        index_url,
+        workers,
+        ProgressLine("pull", not as_json),
+        target=target,
     )
-    if target is not None and release.target != target:
-        raise WrongTarget(f"{ref} was compiled for target {release.target}, not {target}")
     if as_json:
         emit_json(report.to_json())
         return
@@ -131,12 +134,15 @@ def run_command(
 
 
 def _ids(text: str) -> list[list[int]]:
+    from runtime_loader.errors import BadInput  # noqa: PLC0415
+
     rows = []
     for row in text.split(";"):
         if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", row):
-            raise click.BadParameter(
-                "expected comma-separated token ids, rows separated by ';'",
-                param_hint="--prompt-ids",
+            # A LoaderError, so `kiln` prints one line (no usage block) like other input errors.
+            raise BadInput(
+                f"--prompt-ids {text!r}: expected comma-separated token ids,"
+                " rows separated by ';' (e.g. 1,2,3;4,5)"
             )
         rows.append([int(t) for t in row.split(",")])
     return rows

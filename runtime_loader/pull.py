@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from artifacts.digest import Digest
+from artifacts.errors import BlobCorrupted, SizeMismatch
 from artifacts.manifest import Release
 from runtime_loader.cache import LocalCache
+from runtime_loader.errors import WrongTarget
 
 Progress = Callable[[int, int], None]
 
@@ -73,13 +75,29 @@ def pull_release(
     digest: Digest,
     workers: int = 8,
     progress: Progress | None = None,
+    target: str | None = None,
 ) -> tuple[Release, PullReport]:
-    """Manifest first (verified), then the blobs it needs, then remember the ref."""
+    """Manifest first (verified), then the blobs it needs, then remember the ref. With
+    `target`, a release for another target fails before any of its blobs is fetched."""
     start = time.monotonic()
-    if not cache.has(digest):
+
+    def fetch_manifest() -> None:
         with store.open_blob(digest) as reader:
             cache.backend.put(reader, expected=digest)
-    release = Release.from_bytes(cache.read(digest), source=f"manifest {digest}")
+
+    if not cache.has(digest):
+        fetch_manifest()
+    try:
+        data = cache.read(digest)
+    except (BlobCorrupted, SizeMismatch):  # a corrupted cached copy: fetch it again
+        cache.discard(digest)
+        fetch_manifest()
+        data = cache.read(digest)
+    release = Release.from_bytes(data, source=f"manifest {digest}")
+    if target is not None and release.target != target:
+        raise WrongTarget(
+            f"{ref} ({digest.short}) was compiled for target {release.target}, not {target}"
+        )
     needed = needed_blobs(release)
     fetched, nbytes = pull_blobs(store, cache, needed, workers, progress)
     report = PullReport(

@@ -12,6 +12,8 @@ import pytest
 from artifacts.digest import Digest
 from artifacts.manifest import BlobRef, CompilerInfo, Graph, Provenance, Release, Source
 from artifacts.store import Store
+from tests.pg_server import pg_server, pg_url  # noqa: F401 - the session's PostgreSQL
+from tests.s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
@@ -22,8 +24,22 @@ def store_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(store_dir: Path):  # type: ignore[no-untyped-def]
-    with Store.open(str(store_dir)) as s:
+def index_kind(request: pytest.FixtureRequest) -> str:
+    """The index engine of `store`: SQLite unless a test parametrizes it (indirect=True)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def index_url(index_kind: str, store_dir: Path, request: pytest.FixtureRequest) -> str:
+    """SQLite beside the store, or a fresh database on the session's PostgreSQL."""
+    if index_kind == "postgres":
+        return request.getfixturevalue("pg_server").new_url()
+    return f"sqlite:///{store_dir / 'index.db'}"
+
+
+@pytest.fixture
+def store(store_dir: Path, index_url: str):  # type: ignore[no-untyped-def]
+    with Store.open(str(store_dir), index_url) as s:
         yield s
 
 

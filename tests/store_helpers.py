@@ -113,7 +113,7 @@ def make_release(
             signature={"inputs": [], "outputs": []},
             hlo=_put(store, f"HloModule {name}_{i}".encode()),
             executable=_put(store, exe),
-            format="neff",
+            format="xla-cpu",
             compiler=CompilerInfo("neuronx-cc", "2.15.0", ("-O2",)),
             hlo_key=f"hlo-{name}-{i}",
             compile_seconds=1.0,
@@ -122,7 +122,7 @@ def make_release(
     )
     release = Release(
         name=name,
-        target="inf2",
+        target="cpu",
         source=Source("causal-lm", "arch-test", {"layers": 2}, (weights,)),
         graphs=graphs,
         provenance=Provenance(

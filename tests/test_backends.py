@@ -1,8 +1,5 @@
-"""The blob-backend contract, run over every backend available here.
-
-The S3 backend joins the `backend` fixture's parameters when it lands (it needs a real
-SeaweedFS server started by the test session).
-"""
+"""The blob-backend contract, run over every backend: local, and S3 on a real SeaweedFS server
+started once per test session (tests/s3_server.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +15,10 @@ from artifacts.digest import Digest
 from artifacts.errors import BlobCorrupted, BlobNotFound, StoreConfigError
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    if request.param == "s3":
+        return open_backend(request.getfixturevalue("s3_server").new_url())
     return open_backend(str(tmp_path / "blobs-store"))
 
 

@@ -11,8 +11,8 @@ from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
 
 from artifacts.errors import StoreConfigError, StoreIndexError
 
-HEAD_REVISION = "0002"
-KNOWN_REVISIONS = ("0001", "0002")
+HEAD_REVISION = "0003"
+KNOWN_REVISIONS = ("0001", "0002", "0003")
 SQLITE_BUSY_TIMEOUT_S = 120
 
 

@@ -139,3 +139,14 @@ class RunItemRow(Base):
     compile_seconds: Mapped[float] = mapped_column(Float)
     log_digest: Mapped[str | None] = mapped_column(DIGEST)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class LeaseRow(Base):
+    """Who holds a key (e.g. `compile:<hlo key>`) until when; epoch seconds, database clock."""
+
+    __tablename__ = "leases"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    acquired_at: Mapped[float] = mapped_column(Float)

@@ -33,7 +33,13 @@ def _cpu() -> tuple[Any, Any]:
     to every executable loaded here."""
     with _lock:
         if "client" not in _state:
-            client = _xla().get_tfrt_cpu_client(asynchronous=True)
+            # Synchronous: an execution ends (and drops its references to the arguments) on
+            # the calling thread. With the asynchronous client a worker thread could drop the
+            # last reference to a zero-copy (DLPack) input; numpy's deleter then needs the GIL
+            # there, and if that happens while the interpreter exits the process aborts
+            # ("terminate called without an active exception"). Latency is the same: every
+            # call here waits for its outputs anyway.
+            client = _xla().get_tfrt_cpu_client(asynchronous=False)
             _state["client"] = client
             _state["device"] = client.local_devices()[0]
         return _state["client"], _state["device"]
