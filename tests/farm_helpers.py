@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from artifacts.manifest import Release
+from tests.helpers_models import TINY_BERT
 from tests.pipeline_helpers import (
     REPO,
     compile_json,
@@ -31,15 +32,6 @@ from tests.pipeline_helpers import (
 )
 
 REF = "tiny-bert:latest"
-TINY_BERT: dict[str, Any] = {
-    "model_type": "bert",
-    "vocab_size": 64,
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 64,
-}
 
 
 def tiny_bert_spec(path: Path) -> Path:

@@ -7,7 +7,7 @@ import functools
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,18 @@ SENTENCES = [
     "compiled graphs, and the smallest bucket that holds the input is chosen at run time.",
     "Deployment hosts load executables without a compiler or torch.",
 ]
+
+
+# A one-layer BERT config: the smallest spec model for pipeline, farm and Neuron tests.
+TINY_BERT: dict[str, Any] = {
+    "model_type": "bert",
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 64,
+}
 
 
 def minilm_path() -> Path:

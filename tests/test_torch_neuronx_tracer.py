@@ -11,7 +11,7 @@ from pipeline.jobs import plan_spec
 from pipeline.spec import parse_spec
 from pipeline.tracers import DEFAULT_TRACER, get_tracer, tracer_identity
 from pipeline.tracers.torch_neuronx import import_problem
-from tests.neuron_fixtures import TINY_BERT
+from tests.helpers_models import TINY_BERT
 
 PROBLEM = import_problem()
 needs_torch_neuronx = pytest.mark.skipif(
