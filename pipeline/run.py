@@ -4,7 +4,6 @@ publish releases, record the run. Work runs in a process pool (spawn) or another
 from __future__ import annotations
 
 import getpass
-import json
 import socket
 import time
 import uuid
@@ -320,7 +319,7 @@ class Runner:
             "host": socket.gethostname(),
             "user": _user(),
             "summary": summary,
-            "items": [_item_row(i) for i in self.report.items],
+            "items": [i.to_json() for i in self.report.items],
         }
         put = self.store.put_bytes(canonical_json(record), kind="run")
         with write_transaction(self.store.engine) as conn:
@@ -332,29 +331,8 @@ class Runner:
             index_run(conn, str(put.digest), record)
 
 
-def _item_row(item: ItemResult) -> dict[str, Any]:
-    return {
-        "model": item.job.model,
-        "graph_kind": item.job.graph_kind,
-        "bucket": item.job.bucket.label,
-        "target": item.job.target,
-        "status": item.status,
-        "hit_kind": item.status if item.status in (HIT_DIRECT, HIT_HLO) else None,
-        "direct_key": item.job.direct_key,
-        "hlo_key": item.hlo_key,
-        "trace_seconds": item.trace_seconds,
-        "compile_seconds": item.compile_seconds,
-        "log_digest": item.log_digest,
-        "error": item.error,
-    }
-
-
 def _user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
-
-
-def summary_json(report: RunReport) -> str:
-    return json.dumps(report.to_json(), indent=2, sort_keys=True)
