@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +53,38 @@ def test_upgrade_from_first_revision_keeps_rows(store_dir: Path, index_url: str)
         assert conn.execute(select(BlobRow.size)).scalars().all() == [3]
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+@both_indexes
+def test_concurrent_opens_upgrade_an_old_index_once(store_dir: Path, index_url: str) -> None:
+    """Processes that all find revision 0001 run the remaining migrations exactly once."""
+    engine = make_engine(index_url)
+    config = Config()
+    config.set_main_option("script_location", str(Path(db.__file__).parent.parent / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+    engine.dispose()
+    code = (
+        "import sys; from artifacts.store import Store; sys.stdin.readline();"
+        f" Store.open({str(store_dir)!r}, {index_url!r}).close()"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    time.sleep(1.0)  # all imported and waiting: release them together
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    with Store.open(str(store_dir), index_url) as store, store.engine.connect() as conn:
+        assert current_revision(conn) == HEAD_REVISION
 
 
 @both_indexes

@@ -104,8 +104,12 @@ def upgrade(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent.parent / "migrations"))
     with engine.connect().execution_options(kiln_write=True) as conn:
-        if conn.dialect.name == "postgresql":  # serialise concurrent first opens
+        # Take the write lock before alembic reads the current revision, and keep every
+        # migration in this one transaction: concurrent first opens then run them once.
+        if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(7311)"))
+        else:
+            conn.execute(text("SELECT 1"))  # BEGIN IMMEDIATE on SQLite
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
         conn.commit()
