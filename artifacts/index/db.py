@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -59,6 +60,27 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(conn: Connection) -> None:
         mode = "IMMEDIATE" if conn.get_execution_options().get("kiln_write") else "DEFERRED"
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _enable_wal(cursor) -> None:  # type: ignore[no-untyped-def]
+    """WAL persists in the file; switching needs a moment alone with a new file, and SQLite
+    answers "locked" at once (no busy wait) when other processes open it at the same time."""
+    if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # sqlite3.OperationalError; the driver is not imported here
+            if not _is_locked(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _is_locked(exc: BaseException) -> bool:
+    text_ = str(getattr(exc, "orig", None) or exc).lower()
+    return "database is locked" in text_ or "database table is locked" in text_
 
 
 def current_revision(conn: Connection) -> str | None:
@@ -74,6 +96,18 @@ def current_revision(conn: Connection) -> str | None:
 
 def ensure_schema(engine: Engine, url: str) -> None:
     """Create or migrate the schema; refuse a corrupt index or one from a newer Kiln."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            return _ensure_schema(engine, url)
+        except OperationalError as exc:
+            # SQLite skips its busy wait in some lock upgrades: wait here instead.
+            if not _is_locked(exc) or time.monotonic() > deadline:
+                raise StoreIndexError(f"index {display_url(url)}: {_short(exc)}") from None
+            time.sleep(0.1)
+
+
+def _ensure_schema(engine: Engine, url: str) -> None:
     try:
         with engine.connect() as conn:
             revision = current_revision(conn)
@@ -86,15 +120,13 @@ def ensure_schema(engine: Engine, url: str) -> None:
                 f" supports ({HEAD_REVISION}); upgrade kiln"
             )
         upgrade(engine)
-    except StoreIndexError:
+    except (StoreIndexError, OperationalError):
         raise
     except DatabaseError as exc:
         raise StoreIndexError(
             f"index {display_url(url)} is unreadable or corrupt ({_short(exc)});"
             " rebuild it with `kiln reindex`"
         ) from None
-    except OperationalError as exc:
-        raise StoreIndexError(f"index {display_url(url)}: {_short(exc)}") from None
 
 
 def upgrade(engine: Engine) -> None:
