@@ -34,15 +34,22 @@ def test_migrations_match_models(store_dir: Path, index_url: str) -> None:
     assert diff == []
 
 
-@both_indexes
-def test_upgrade_from_first_revision_keeps_rows(store_dir: Path, index_url: str) -> None:
-    """An index made by the first Kiln (revision 0001) upgrades in place to head."""
+def index_at_first_revision(index_url: str):  # type: ignore[no-untyped-def]
+    """An engine on an index that the first Kiln made (revision 0001)."""
     engine = make_engine(index_url)
     config = Config()
     config.set_main_option("script_location", str(Path(db.__file__).parent.parent / "migrations"))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "0001")
+    return engine
+
+
+@both_indexes
+def test_upgrade_from_first_revision_keeps_rows(store_dir: Path, index_url: str) -> None:
+    """An index made by the first Kiln (revision 0001) upgrades in place to head."""
+    engine = index_at_first_revision(index_url)
+    with engine.begin() as conn:
         conn.execute(
             BlobRow.__table__.insert(),  # type: ignore[attr-defined]
             {"digest": "sha256:" + "a" * 64, "size": 3, "kind": None, "created_at": time.time()},
@@ -58,13 +65,7 @@ def test_upgrade_from_first_revision_keeps_rows(store_dir: Path, index_url: str)
 @both_indexes
 def test_concurrent_opens_upgrade_an_old_index_once(store_dir: Path, index_url: str) -> None:
     """Processes that all find revision 0001 run the remaining migrations exactly once."""
-    engine = make_engine(index_url)
-    config = Config()
-    config.set_main_option("script_location", str(Path(db.__file__).parent.parent / "migrations"))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0001")
-    engine.dispose()
+    index_at_first_revision(index_url).dispose()
     code = (
         "import sys; from artifacts.store import Store; sys.stdin.readline();"
         f" Store.open({str(store_dir)!r}, {index_url!r}).close()"
