@@ -205,30 +205,27 @@ class S3BlobBackend:
 
     def modified_at(self, digest: Digest) -> float | None:
         """When the blob was written (epoch seconds), or None if absent: for gc's min age."""
-        key = self.key_of(digest)
-        try:
-            response = self._call(
-                key,
-                "HEAD",
-                lambda: self.client.head_object(Bucket=self.bucket, Key=key),
-                expect=(404,),
-            )
-        except _Status:
-            return None
-        return float(response["LastModified"].timestamp())
+        response = self._head_response(self.key_of(digest))
+        return None if response is None else float(response["LastModified"].timestamp())
 
     def _head(self, key: str) -> int | None:
-        try:
-            response = self._call(
-                key,
-                "HEAD",
-                lambda: self.client.head_object(Bucket=self.bucket, Key=key),
-                expect=(404,),
-            )
-        except _Status:
+        response = self._head_response(key)
+        if response is None:
             self._check_bucket()
             return None
         return int(response["ContentLength"])
+
+    def _head_response(self, key: str) -> dict | None:  # type: ignore[type-arg]
+        """The HEAD response for `key`, or None when the object does not exist."""
+        try:
+            return self._call(
+                key,
+                "HEAD",
+                lambda: self.client.head_object(Bucket=self.bucket, Key=key),
+                expect=(404,),
+            )
+        except _Status:
+            return None
 
     def open(self, digest: Digest) -> IO[bytes]:
         """A verifying reader (BlobNotFound if absent); large objects read in parallel ranges."""
