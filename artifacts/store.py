@@ -11,6 +11,7 @@ import getpass
 import io
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO
 
@@ -31,6 +32,8 @@ from artifacts.index.models import BlobRow, ManifestBlobRow, ManifestRow, TagHis
 from artifacts.manifest import Release
 from artifacts.records import TagEvent
 from artifacts.refs import Reference, TagName, parse_reference, parse_tag_name
+
+PUT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,40 @@ class Store:
     def put_stream(
         self, stream: IO[bytes], expected: Digest | None = None, kind: str | None = None
     ) -> PutResult:
-        """Store a stream (hashed while written), then record it in the index."""
-        result = self.backend.put(stream, expected)
+        """Store a stream (hashed while written), then record it in the index.
+
+        Recording happens under the write lock once the blob is confirmed present, which
+        refreshes its age: a `kiln gc` sweeping at the same moment either spares the blob or
+        had already deleted it, and then a seekable stream is stored again.
+        """
+        start = stream.tell() if getattr(stream, "seekable", bool)() else None
+        for _ in range(PUT_ATTEMPTS):
+            result = self.backend.put(stream, expected)
+            with write_transaction(self.engine) as conn:
+                if self.backend.stat(result.digest) is not None:
+                    ops.record_blob(conn, str(result.digest), result.size, kind)
+                    return result
+            if start is None:
+                break
+            stream.seek(start)
+        raise BlobNotFound(
+            result.digest,
+            f"{self.backend.url}: a concurrent `kiln gc` deleted it while it was stored;"
+            " store it again",
+        )
+
+    def touch_blobs(self, digests: Iterable[Digest | str]) -> list[str]:
+        """Refresh the age of blobs a writer is about to reference (a compile reusing them),
+        so gc spares them; returns the digests that are no longer in the store."""
+        missing = []
         with write_transaction(self.engine) as conn:
-            ops.record_blob(conn, str(result.digest), result.size, kind)
-        return result
+            for text in dict.fromkeys(str(d) for d in digests):
+                info = self.backend.stat(Digest.parse(text))
+                if info is None:
+                    missing.append(text)
+                else:
+                    ops.record_blob(conn, text, info.size, None)
+        return missing
 
     def put_bytes(self, data: bytes, kind: str | None = None) -> PutResult:
         return self.put_stream(io.BytesIO(data), kind=kind)
@@ -109,7 +141,25 @@ class Store:
 
     # -- releases ----------------------------------------------------------------------------
     def put_release(self, release: Release) -> Digest:
-        """Store a release manifest after checking every blob it references is present."""
+        """Store a release manifest after checking every blob it references is present.
+
+        The check runs under the write lock, in the transaction that indexes the release (and
+        so refreshes its blobs' ages): gc's sweep, which deletes under the same lock, either
+        sees the release or has already deleted a blob, and then this fails naming it.
+        """
+        self._check_blobs(release)
+        data = release.to_bytes()
+        for _ in range(PUT_ATTEMPTS):
+            result = self.backend.put(io.BytesIO(data))
+            with write_transaction(self.engine) as conn:
+                if self.backend.stat(result.digest) is None:
+                    continue
+                self._check_blobs(release)
+                self._index_release(conn, result.digest, result.size, release)
+                return result.digest
+        raise BlobNotFound(result.digest, f"{self.backend.url} (the release manifest)")
+
+    def _check_blobs(self, release: Release) -> None:
         for role, ref in release.blob_refs():
             info = self.backend.stat(ref.digest)
             if info is None:
@@ -119,11 +169,6 @@ class Store:
                     f"release {release.name}: {role} blob {ref.digest} has size {info.size},"
                     f" manifest says {ref.size}"
                 )
-        data = release.to_bytes()
-        result = self.backend.put(io.BytesIO(data))
-        with write_transaction(self.engine) as conn:
-            self._index_release(conn, result.digest, result.size, release)
-        return result.digest
 
     def _index_release(self, conn, digest: Digest, size: int, release: Release) -> None:  # type: ignore[no-untyped-def]
         ops.record_blob(conn, str(digest), size, "release")
@@ -237,7 +282,10 @@ class Store:
         return self.move_tag(dest, target, reason)
 
     def move_tag(self, dest: TagName, digest: Digest, reason: str = "") -> TagMove:
-        with self.engine.connect() as conn:
+        """Move a tag under the write lock; the release is checked under it too, so a gc
+        sweep either sees the new tag or has already deleted the release (and this fails)."""
+        with write_transaction(self.engine) as conn:
+            ops.lock_key(conn, f"tag:{dest}")
             if (
                 conn.execute(
                     select(ManifestRow.digest).where(ManifestRow.digest == str(digest))
@@ -245,8 +293,6 @@ class Store:
                 is None
             ):
                 raise InvalidReference(f"{digest} is not a release manifest in this store")
-        with write_transaction(self.engine) as conn:
-            ops.lock_key(conn, f"tag:{dest}")
             row = conn.execute(
                 select(TagRow.digest).where(TagRow.name == dest.name, TagRow.tag == dest.tag)
             ).first()

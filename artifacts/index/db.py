@@ -12,8 +12,12 @@ from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
 
 from artifacts.errors import StoreConfigError, StoreIndexError
 
-HEAD_REVISION = "0003"
-KNOWN_REVISIONS = ("0001", "0002", "0003")
+HEAD_REVISION = "0004"
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0004")
+# PostgreSQL advisory lock (two-key form, apart from the one-key locks of `ops.lock_key`)
+# that stands in for SQLite's single writer: writers share it, gc's sweep and reindex
+# take it alone.
+STORE_LOCK = (7312, 0)
 SQLITE_BUSY_TIMEOUT_S = 120
 
 
@@ -148,10 +152,19 @@ def upgrade(engine: Engine) -> None:
 
 
 @contextlib.contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A transaction that holds the write lock from its start (serialises tag moves)."""
+def write_transaction(engine: Engine, exclusive: bool = False) -> Iterator[Connection]:
+    """A transaction that holds the write lock from its start (serialises tag moves).
+
+    SQLite has one writer at a time (BEGIN IMMEDIATE). On PostgreSQL every writer holds the
+    store lock shared and an `exclusive` one (gc's sweep, reindex) holds it alone, so both
+    index kinds give the same barrier: a writer's transaction is wholly before or after it.
+    """
     with engine.connect().execution_options(kiln_write=True) as conn:
         with conn.begin():
+            if conn.dialect.name == "postgresql":
+                function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+                key, sub = STORE_LOCK
+                conn.execute(text(f"SELECT {function}(:key, :sub)"), {"key": key, "sub": sub})
             yield conn
 
 

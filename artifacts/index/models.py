@@ -18,6 +18,7 @@ class BlobRow(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str | None] = mapped_column(String(32), index=True)
     created_at: Mapped[float] = mapped_column(Float)
+    touched_at: Mapped[float | None] = mapped_column(Float)  # last put or reference
 
 
 class ManifestRow(Base):

@@ -28,10 +28,14 @@ def insert_ignore(conn: Connection, table: Table, rows: Iterable[dict[str, Any]]
 
 
 def record_blob(conn: Connection, digest: str, size: int, kind: str | None) -> None:
-    insert_ignore(
-        conn,
-        BlobRow.__table__,  # type: ignore[arg-type]
-        [{"digest": digest, "size": size, "kind": kind, "created_at": time.time()}],
+    """Index a blob, or refresh `touched_at` of one already indexed (gc spares it a while)."""
+    now = time.time()
+    dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
+    statement = dialect.insert(BlobRow.__table__).values(  # type: ignore[arg-type]
+        digest=digest, size=size, kind=kind, created_at=now, touched_at=now
+    )
+    conn.execute(
+        statement.on_conflict_do_update(index_elements=["digest"], set_={"touched_at": now})
     )
 
 
