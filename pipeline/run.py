@@ -136,6 +136,7 @@ class Runner:
         start = time.monotonic()
         started_at = time.time()
         self._record_run_start(started_at)
+        self._claim_reused()
         pending: dict[Future, tuple[str, Any]] = {}
         for plan in self.plans:
             for job, message in plan.unavailable.items():
@@ -165,6 +166,20 @@ class Runner:
         self.report.seconds = time.monotonic() - start
         self._record_run_end(started_at)
         return self.report
+
+    def _claim_reused(self) -> None:
+        """Refresh the age of the stored blobs this run reuses (direct hits, known weights)
+        so a concurrent `kiln gc` spares them; what gc took already is made again instead."""
+        reused = [d for plan in self.plans for d in _plan_blobs(plan)]
+        missing = set(self.store.touch_blobs(reused)) if reused else set()
+        if not missing:
+            return
+        for plan in self.plans:
+            if plan.weights is not None and plan.weights[0] in missing:
+                plan.weights = None
+            for job, compiled in list(plan.direct_hits.items()):
+                if missing & set(_compiled_blobs(compiled)):
+                    del plan.direct_hits[job]
 
     def _on_traced(self, future: Future, plan: ModelPlan, pending: dict) -> None:  # type: ignore[type-arg]
         try:
@@ -205,6 +220,7 @@ class Runner:
     def _hlo_hit(self, traced: TracedJob, hit: CompiledGraph) -> None:
         from artifacts.index import ops  # noqa: PLC0415
 
+        self.store.touch_blobs(_compiled_blobs(hit))  # gc spares them until the release
         with write_transaction(self.store.engine) as conn:
             ops.record_recipe(
                 conn, traced.job.direct_key, traced.hlo_key, traced.hlo_digest, traced.signature
@@ -336,3 +352,16 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+def _compiled_blobs(compiled: CompiledGraph) -> list[str]:
+    return [
+        d for d in (compiled.hlo_digest, compiled.executable_digest, compiled.log_digest) if d
+    ]
+
+
+def _plan_blobs(plan: ModelPlan) -> list[str]:
+    blobs = [plan.weights[0]] if plan.weights is not None else []
+    for compiled in plan.direct_hits.values():
+        blobs += _compiled_blobs(compiled)
+    return blobs
