@@ -4,6 +4,7 @@ copy."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -427,18 +428,31 @@ def verify_command(
         sys.exit(1)
 
 
+def _non_negative(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """A duration option: finite and not negative (a one-line error, not click's usage)."""
+    if not math.isfinite(value) or value < 0:
+        error = click.ClickException(f"{param.opts[0]} {value}: must be a finite number >= 0")
+        error.exit_code = 2
+        raise error
+    return value
+
+
 @click.command("gc")
 @click.option("--dry-run", is_flag=True, help="Show what would be deleted and the bytes freed.")
 @click.option(
     "--grace-days",
+    type=float,
     default=7.0,
     show_default=True,
+    callback=_non_negative,
     help="Keep releases a tag pointed at, or a run used, within this many days.",
 )
 @click.option(
     "--min-age-hours",
+    type=float,
     default=1.0,
     show_default=True,
+    callback=_non_negative,
     help="Never delete blobs younger than this (writers may be in flight).",
 )
 @store_options
@@ -472,22 +486,33 @@ def gc_command(
     if as_json:
         emit_json({"dry_run": False, **report.to_json()})
     else:
+        spared = f"; spared {report.spared} in use by writers" if report.spared else ""
         click.echo(
             f"freed {human_size(report.bytes_freed)} in {report.blobs_deleted} blobs"
             f" ({report.manifests_deleted} releases, {report.compilations_deleted}"
-            " compilations)"
+            f" compilations){spared}"
         )
 
 
 @click.command("reindex")
+@click.option(
+    "--drop-unreadable",
+    is_flag=True,
+    help="Rebuild without document blobs that cannot be read (their releases or tags are"
+    " lost from the index); without it, reindex refuses and names them.",
+)
 @store_options
 @json_option
-def reindex_command(store_url: str | None, index_url: str | None, as_json: bool) -> None:
+def reindex_command(
+    drop_unreadable: bool, store_url: str | None, index_url: str | None, as_json: bool
+) -> None:
     """Rebuild the index from the blobs alone."""
     from artifacts.progress import ProgressLine  # noqa: PLC0415
     from artifacts.reindex import reindex  # noqa: PLC0415
 
-    report = reindex(store_url, index_url, ProgressLine("reindex", not as_json))
+    report = reindex(
+        store_url, index_url, ProgressLine("reindex", not as_json), drop_unreadable
+    )
     if as_json:
         emit_json(report.to_json())
         return

@@ -72,3 +72,7 @@ class StoreIndexError(ArtifactError):
 
 class ArchiveError(ArtifactError):
     """An export archive that is malformed or unsafe to import."""
+
+
+class ReindexRefused(ArtifactError):
+    """`kiln reindex` found documents it cannot read; it left the index as it was."""

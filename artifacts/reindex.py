@@ -1,33 +1,50 @@
-"""`kiln reindex`: rebuild the SQL index from the blobs alone (the blobs are the truth)."""
+"""`kiln reindex`: rebuild the SQL index from the blobs alone (the blobs are the truth).
+
+It never drops what it cannot read: a document blob (release, tag event, record) that fails
+to read, verify or parse stops it, naming every such digest, with the index untouched.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete
+from sqlalchemy import Connection, delete, select
 
-from artifacts.backends import BlobBackend
+from artifacts.backends import BlobBackend, BlobInfo
 from artifacts.config import resolve_index_url, resolve_store_url
-from artifacts.errors import ArtifactError, InvalidManifest
+from artifacts.digest import Digest
+from artifacts.errors import (
+    ArtifactError,
+    BlobNotFound,
+    InvalidManifest,
+    ReindexRefused,
+    StoreIndexError,
+)
 from artifacts.index import ops
 from artifacts.index.db import _sqlite_path, ensure_schema, make_engine, write_transaction
 from artifacts.index.models import (
     Base,
+    BlobRow,
     CompilationRow,
+    ManifestRow,
     RecipeRow,
     RunItemRow,
     RunRow,
+    TagHistoryRow,
 )
 from artifacts.manifest import Release
-from artifacts.records import SNIFF_LIMIT, TagEvent, sniff_document
+from artifacts.records import KIND_BY_MEDIA_TYPE, SNIFF_LIMIT, TagEvent, sniff_document
 from artifacts.store import Store, apply_tag_event
 
 Progress = Callable[[int, int], None]
+
+
+DOCUMENT_KINDS = frozenset(KIND_BY_MEDIA_TYPE.values())
 
 
 @dataclass(frozen=True)
@@ -52,35 +69,109 @@ class ReindexReport:
         }
 
 
+@dataclass
+class _Scan:
+    """What the blobs say: every blob's kind and the documents to index."""
+
+    blobs: dict[str, BlobInfo] = field(default_factory=dict)
+    kinds: dict[str, str | None] = field(default_factory=dict)
+    releases: dict[str, tuple[int, Release]] = field(default_factory=dict)
+    events: dict[str, TagEvent] = field(default_factory=dict)
+    compilations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+    def keep_only(self, present: set[str]) -> None:
+        """Forget blobs deleted (by gc) since they were scanned."""
+        for table in (
+            self.blobs,
+            self.kinds,
+            self.releases,
+            self.events,
+            self.compilations,
+            self.runs,
+            self.unreadable,
+        ):
+            for digest in [d for d in table if d not in present]:
+                del table[digest]
+
+
 def reindex(
-    store_url: str | None = None, index_url: str | None = None, progress: Progress | None = None
+    store_url: str | None = None,
+    index_url: str | None = None,
+    progress: Progress | None = None,
+    drop_unreadable: bool = False,
 ) -> ReindexReport:
-    """Rebuild the index. A SQLite index is built beside the old one and swapped in whole."""
+    """Rebuild the index from the blobs; refuse (ReindexRefused, index untouched) when a
+    document blob cannot be read, unless `drop_unreadable`.
+
+    A readable index is rebuilt in place: blobs are scanned without the lock, then, under the
+    exclusive write lock, blobs written meanwhile (a tag move's event) are scanned too and the
+    tables are refilled in one transaction; a writer that comes later waits and then writes
+    into the new index. A SQLite index that cannot be opened is built beside and swapped in.
+    """
     from artifacts.backends import open_backend  # noqa: PLC0415
 
     url = resolve_store_url(store_url)
     backend = open_backend(url, create=False)
     index = resolve_index_url(url, index_url)
-    path = _sqlite_path(index)
-    if path is not None:
-        tmp = path.with_name(f"{path.name}.rebuild-{os.getpid()}")
-        _remove_sqlite(tmp)
-        engine = make_engine(f"sqlite:///{tmp}")
-        try:
-            ensure_schema(engine, str(tmp))
-            report = _fill(Store(backend, engine, str(tmp)), progress)
-        finally:
-            engine.dispose()
-        _remove_sqlite(path, keep_main=True)
-        os.replace(tmp, path)
-        _remove_sqlite(tmp)
-        return report
     engine = make_engine(index)
-    ensure_schema(engine, index)
     try:
-        return _fill(Store(backend, engine, index), progress, clear=True)
+        try:
+            ensure_schema(engine, index)
+        except StoreIndexError:
+            path = _sqlite_path(index)
+            if path is None:
+                raise
+            engine.dispose()
+            return _rebuild_beside(backend, path, progress, drop_unreadable)
+        return _rebuild_in_place(Store(backend, engine, index), progress, drop_unreadable)
     finally:
         engine.dispose()
+
+
+def _rebuild_in_place(store: Store, progress: Progress | None, drop: bool) -> ReindexReport:
+    with store.engine.connect() as conn:
+        known = _known_kinds(conn)
+    scan = _Scan()
+    _scan(store, list(store.backend.iter_blobs()), known, scan, progress)
+    _refuse(scan, drop)
+    with write_transaction(store.engine, exclusive=True) as conn:
+        listed = list(store.backend.iter_blobs())
+        scan.keep_only({str(b.digest) for b in listed})
+        late = [b for b in listed if str(b.digest) not in scan.blobs]
+        if late:
+            _scan(store, late, _known_kinds(conn), scan, None)
+            _refuse(scan, drop)
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(delete(table))
+        return _fill(conn, store, scan)
+
+
+def _rebuild_beside(
+    backend: BlobBackend, path: Path, progress: Progress | None, drop: bool
+) -> ReindexReport:
+    """Replace an index file that cannot be opened (nothing can be written into it)."""
+    tmp = path.with_name(f"{path.name}.rebuild-{os.getpid()}")
+    _remove_sqlite(tmp)
+    engine = make_engine(f"sqlite:///{tmp}")
+    try:
+        ensure_schema(engine, str(tmp))
+        store = Store(backend, engine, str(tmp))
+        scan = _Scan()
+        _scan(store, list(backend.iter_blobs()), {}, scan, progress)
+        _refuse(scan, drop)
+        with write_transaction(engine) as conn:
+            report = _fill(conn, store, scan)
+    except BaseException:
+        engine.dispose()
+        _remove_sqlite(tmp)
+        raise
+    engine.dispose()
+    _remove_sqlite(path, keep_main=True)
+    os.replace(tmp, path)
+    _remove_sqlite(tmp)
+    return report
 
 
 def _remove_sqlite(path: Path, keep_main: bool = False) -> None:
@@ -89,68 +180,118 @@ def _remove_sqlite(path: Path, keep_main: bool = False) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def _fill(store: Store, progress: Progress | None, clear: bool = False) -> ReindexReport:
-    backend: BlobBackend = store.backend
-    blobs = list(backend.iter_blobs())
-    releases: list[tuple[str, int, Release]] = []
-    events: list[tuple[str, TagEvent]] = []
-    compilations: list[tuple[str, dict[str, Any]]] = []
-    runs: list[tuple[str, dict[str, Any]]] = []
-    skipped: list[str] = []
-    kinds: dict[str, str | None] = {}
+def _known_kinds(conn: Connection) -> dict[str, str | None]:
+    """Each blob's kind as the old index knew it; its releases and tag events by name."""
+    known: dict[str, str | None] = dict(conn.execute(select(BlobRow.digest, BlobRow.kind)).all())
+    known.update((d, "release") for (d,) in conn.execute(select(ManifestRow.digest)))
+    known.update(
+        (d, "tag-event") for (d,) in conn.execute(select(TagHistoryRow.event_digest))
+    )
+    known.update(
+        (d, "compilation") for (d,) in conn.execute(select(CompilationRow.record_digest))
+    )
+    known.update(
+        (d, "run") for (d,) in conn.execute(select(RunRow.record_digest)) if d is not None
+    )
+    return known
+
+
+def _scan(
+    store: Store,
+    blobs: list[BlobInfo],
+    known: dict[str, str | None],
+    scan: _Scan,
+    progress: Progress | None,
+) -> None:
+    """Read every blob that is, or may be, a document (the old index's documents always)."""
     for i, info in enumerate(blobs):
         digest = str(info.digest)
-        kinds[digest] = None
-        if info.size <= SNIFF_LIMIT and _starts_with_brace(backend, info.digest):
-            try:
-                data = store.read_bytes(info.digest)
-            except ArtifactError as exc:
-                skipped.append(f"{digest}: {exc}")
-                continue
-            sniffed = sniff_document(data)
-            if sniffed is not None:
-                kind, value = sniffed
-                kinds[digest] = kind
-                try:
-                    if kind == "release":
-                        releases.append((digest, info.size, Release.from_json(value, digest)))
-                    elif kind == "tag-event":
-                        events.append((digest, TagEvent.from_json(value, digest)))
-                    elif kind == "compilation":
-                        compilations.append((digest, value))
-                    elif kind == "run":
-                        runs.append((digest, value))
-                except InvalidManifest as exc:
-                    skipped.append(f"{digest}: {exc}")
+        was = known.get(digest)
+        try:
+            if was in DOCUMENT_KINDS or (
+                info.size <= SNIFF_LIMIT and _starts_with_brace(store.backend, info.digest)
+            ):
+                _read_document(store, info, was, digest not in known, scan)
+            else:
+                scan.kinds[digest] = was
+            scan.blobs[digest] = info
+        except BlobNotFound:
+            pass  # deleted since listed (a concurrent gc): not in the new index either
         if progress:
             progress(i + 1, len(blobs))
 
-    events.sort(key=lambda e: (e[1].at, e[0]))
-    with write_transaction(store.engine) as conn:
-        if clear:
-            for table in reversed(Base.metadata.sorted_tables):
-                conn.execute(delete(table))
-        for info in blobs:
-            ops.record_blob(conn, str(info.digest), info.size, kinds[str(info.digest)])
-        from artifacts.digest import Digest  # noqa: PLC0415
 
-        for digest, size, release in releases:
-            store._index_release(conn, Digest.parse(digest), size, release)
-        for digest, event in events:
-            apply_tag_event(conn, event, digest)
-        for digest, value in compilations:
-            index_compilation(conn, digest, value)
-        for digest, value in runs:
-            index_run(conn, digest, value)
-    tags = {(e.name, e.tag) for _, e in events}
+def _read_document(
+    store: Store, info: BlobInfo, was: str | None, unknown: bool, scan: _Scan
+) -> None:
+    """Index one document; a damaged one is unreadable unless the old index knew the blob
+    as something else (an executable that happens to start with a brace)."""
+    digest = str(info.digest)
+    scan.kinds[digest] = was
+    try:
+        data = store.read_bytes(info.digest)
+    except BlobNotFound:
+        raise
+    except (ArtifactError, OSError) as exc:
+        if unknown or was in DOCUMENT_KINDS:
+            scan.unreadable[digest] = _reason(exc)
+        return
+    sniffed = sniff_document(data)
+    if sniffed is None:
+        if was in DOCUMENT_KINDS:
+            scan.unreadable[digest] = f"the index knew it as a {was}; it is not one now"
+        return
+    kind, value = sniffed
+    scan.kinds[digest] = kind
+    try:
+        if kind == "release":
+            scan.releases[digest] = (info.size, Release.from_json(value, digest))
+        elif kind == "tag-event":
+            scan.events[digest] = TagEvent.from_json(value, digest)
+        elif kind == "compilation":
+            scan.compilations[digest] = value
+        elif kind == "run":
+            scan.runs[digest] = value
+    except InvalidManifest as exc:
+        scan.unreadable[digest] = _reason(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, ArtifactError) else f"unreadable: {exc}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _refuse(scan: _Scan, drop: bool) -> None:
+    if not scan.unreadable or drop:
+        return
+    listed = "; ".join(f"{d} ({why})" for d, why in sorted(scan.unreadable.items()))
+    raise ReindexRefused(
+        f"reindex: {len(scan.unreadable)} document blob(s) cannot be read, and the releases,"
+        f" tags or records in them would be dropped: {listed}. The index was left as it was;"
+        " restore those blobs (`kiln verify` lists all damage) or pass --drop-unreadable"
+    )
+
+
+def _fill(conn: Connection, store: Store, scan: _Scan) -> ReindexReport:
+    for digest, info in scan.blobs.items():
+        ops.record_blob(conn, digest, info.size, scan.kinds.get(digest))
+    for digest, (size, release) in scan.releases.items():
+        store._index_release(conn, Digest.parse(digest), size, release)
+    events = sorted(scan.events.items(), key=lambda e: (e[1].at, e[0]))
+    for digest, event in events:
+        apply_tag_event(conn, event, digest)
+    for digest, value in scan.compilations.items():
+        index_compilation(conn, digest, value)
+    for digest, value in scan.runs.items():
+        index_run(conn, digest, value)
     return ReindexReport(
-        len(blobs),
-        len(releases),
+        len(scan.blobs),
+        len(scan.releases),
         len(events),
-        len(tags),
-        len(compilations),
-        len(runs),
-        tuple(skipped),
+        len({(e.name, e.tag) for _, e in events}),
+        len(scan.compilations),
+        len(scan.runs),
+        tuple(f"{d}: {why}" for d, why in sorted(scan.unreadable.items())),
     )
 
 
