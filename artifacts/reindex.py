@@ -20,6 +20,7 @@ from artifacts.config import resolve_index_url, resolve_store_url
 from artifacts.digest import Digest
 from artifacts.errors import (
     ArtifactError,
+    BlobCorrupted,
     BlobNotFound,
     InvalidManifest,
     ReindexRefused,
@@ -257,6 +258,8 @@ def _read_document(
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, BlobCorrupted):
+        return f"corrupted: its content hashes to {exc.actual}"
     text = str(exc) if isinstance(exc, ArtifactError) else f"unreadable: {exc}"
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -6,7 +6,7 @@ put a writer's step exactly between gc's plan and its sweep, or let them run fre
 times, without paying a process start per try.
 
     python tests/race_workers.py gc STORE INDEX      # {"op": "plan"} / {"op": "sweep"}
-    python tests/race_workers.py writer STORE INDEX  # {"op": "tag"|"reuse"|"publish", ...}
+    python tests/race_workers.py writer STORE INDEX  # {"op": "tag"|"tag-until"|"reuse"|...}
 """
 
 from __future__ import annotations
@@ -87,6 +87,13 @@ def _writer(store: Store, state: dict[str, Any], command: dict[str, Any]) -> dic
     try:
         if op == "tag":
             return {"move": store.tag(command["source"], command["tag"]).digest}
+        if op == "tag-until":
+            moves = []
+            while not Path(command["stop"]).exists():
+                target = command["targets"][len(moves) % len(command["targets"])]
+                moves.append(store.tag(target, command["tag"], reason=f"move {len(moves)}").at)
+                time.sleep(command.get("pause", 0.01))
+            return {"moves": moves}
         if op == "reuse":
             old = store.load_release(Digest.parse(command["release"]))
             if command.get("hit"):
