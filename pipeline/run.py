@@ -136,7 +136,7 @@ class Runner:
         start = time.monotonic()
         started_at = time.time()
         self._record_run_start(started_at)
-        self._claim_reused()
+        claim_reused(self.store, self.plans)
         pending: dict[Future, tuple[str, Any]] = {}
         for plan in self.plans:
             for job, message in plan.unavailable.items():
@@ -166,20 +166,6 @@ class Runner:
         self.report.seconds = time.monotonic() - start
         self._record_run_end(started_at)
         return self.report
-
-    def _claim_reused(self) -> None:
-        """Refresh the age of the stored blobs this run reuses (direct hits, known weights)
-        so a concurrent `kiln gc` spares them; what gc took already is made again instead."""
-        reused = [d for plan in self.plans for d in _plan_blobs(plan)]
-        missing = set(self.store.touch_blobs(reused)) if reused else set()
-        if not missing:
-            return
-        for plan in self.plans:
-            if plan.weights is not None and plan.weights[0] in missing:
-                plan.weights = None
-            for job, compiled in list(plan.direct_hits.items()):
-                if missing & set(_compiled_blobs(compiled)):
-                    del plan.direct_hits[job]
 
     def _on_traced(self, future: Future, plan: ModelPlan, pending: dict) -> None:  # type: ignore[type-arg]
         try:
@@ -365,3 +351,18 @@ def _plan_blobs(plan: ModelPlan) -> list[str]:
     for compiled in plan.direct_hits.values():
         blobs += _compiled_blobs(compiled)
     return blobs
+
+
+def claim_reused(store: Store, plans: list[ModelPlan]) -> None:
+    """Refresh the age of the stored blobs a run reuses (direct hits, known weights) so a
+    concurrent `kiln gc` spares them; what gc took already is made again instead."""
+    reused = [d for plan in plans for d in _plan_blobs(plan)]
+    missing = set(store.touch_blobs(reused)) if reused else set()
+    if not missing:
+        return
+    for plan in plans:
+        if plan.weights is not None and plan.weights[0] in missing:
+            plan.weights = None
+        for job, compiled in list(plan.direct_hits.items()):
+            if missing & set(_compiled_blobs(compiled)):
+                del plan.direct_hits[job]

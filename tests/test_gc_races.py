@@ -201,3 +201,38 @@ def test_a_put_refreshes_an_old_blob_s_age(store: Store, store_dir: Path) -> Non
     os.utime(blob_path(store_dir, put.digest), (time.time() - OLD_S,) * 2)  # S3 keeps its date
     assert put.digest not in {b.digest for b in plan_gc(store, GcPolicy()).delete}
 
+
+
+def test_a_compile_claims_the_old_blobs_it_reuses(store: Store, store_dir: Path) -> None:
+    """`kiln compile` refreshes the age of its direct hits and known weights before it
+    starts (gc then spares them until the release is published), and recompiles a hit whose
+    blob gc took already."""
+    from artifacts.gc import GcPolicy, plan_gc  # noqa: PLC0415
+    from pipeline.jobs import CompiledGraph, GraphJob, ModelPlan  # noqa: PLC0415
+    from pipeline.run import claim_reused  # noqa: PLC0415
+    from pipeline.spec import Bucket  # noqa: PLC0415
+
+    old = store.load_release(old_release(store, store_dir, 1, with_compilations=True))
+    weights = old.source.weights[0]
+    hits = {}
+    for i, graph in enumerate(old.graphs):
+        bucket = Bucket(1, 32 + i)
+        job = GraphJob("m", graph.kind, bucket, "cpu", (), "xla-cpu", "1", "f32", f"d{i}")
+        hits[job] = CompiledGraph(
+            graph.hlo_key, str(graph.hlo.digest), graph.hlo.size, graph.signature,
+            str(graph.executable.digest), graph.executable.size, graph.format, "xla-cpu", "1",
+            (), 1.0, None, None,
+        )
+    plan = ModelPlan(None, "arch", "wkey", (str(weights.digest), weights.size),  # type: ignore[arg-type]
+                     list(hits), dict(hits))
+    doomed = {str(b.digest) for b in plan_gc(store, GcPolicy()).delete}
+    assert str(weights.digest) in doomed and str(old.graphs[0].executable.digest) in doomed
+
+    claim_reused(store, [plan])
+    doomed = {str(b.digest) for b in plan_gc(store, GcPolicy()).delete}
+    assert not doomed & {str(weights.digest), *(h.executable_digest for h in hits.values())}
+    assert plan.weights is not None and len(plan.direct_hits) == len(hits)
+
+    store.backend.delete(old.graphs[0].executable.digest)  # as a gc sweep would have
+    claim_reused(store, [plan])
+    assert len(plan.direct_hits) == len(hits) - 1 and plan.weights is not None
