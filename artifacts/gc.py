@@ -207,7 +207,7 @@ class GcReport:
     bytes_freed: int
     manifests_deleted: int
     compilations_deleted: int
-    spared: int = 0  # planned, but put, referenced or tagged by a writer before the sweep
+    spared: int = 0  # planned, but a writer used it before the sweep (or it was gone)
 
     def to_json(self) -> dict[str, int]:
         return self.__dict__.copy()

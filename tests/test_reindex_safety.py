@@ -111,7 +111,7 @@ def test_reindex_racing_tag_moves_loses_nothing(  # type: ignore[no-untyped-def]
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            time.sleep(0.5)  # the writer starts while reindex is starting up and scanning
+            time.sleep(0.2)  # the writer starts while reindex is starting up and scanning
             writer.send({"op": "tag-until", "stop": str(stop), "tag": "minilm:during",
                          "targets": [second, first]})
             out, err = reindex.communicate(timeout=300)
