@@ -236,3 +236,22 @@ def test_a_compile_claims_the_old_blobs_it_reuses(store: Store, store_dir: Path)
     store.backend.delete(old.graphs[0].executable.digest)  # as a gc sweep would have
     claim_reused(store, [plan])
     assert len(plan.direct_hits) == len(hits) - 1 and plan.weights is not None
+
+
+def test_sweep_in_small_batches_frees_everything_planned(  # type: ignore[no-untyped-def]
+    store: Store, store_dir: Path, monkeypatch
+) -> None:
+    from artifacts import gc  # noqa: PLC0415
+
+    monkeypatch.setattr(gc, "SWEEP_BATCH", 2)
+    kept = store.put_release(build_release(store, seqs=(1,)))
+    store.tag(str(kept), "m:prod")
+    doomed = [old_release(store, store_dir, n, with_compilations=True) for n in range(3)]
+    plan = gc.plan_gc(store, gc.GcPolicy())
+    assert len(plan.delete) > 2 * gc.SWEEP_BATCH and len(plan.compilations) == 3
+    report = gc.execute_gc(store, plan)
+    assert (report.blobs_deleted, report.manifests_deleted, report.compilations_deleted) == (
+        len(plan.delete), 3, 3,
+    )
+    assert report.spared == 0 and not any(store.has_blob(d) for d in doomed)
+    assert_nothing_lost(store)
