@@ -255,3 +255,20 @@ def test_sweep_in_small_batches_frees_everything_planned(  # type: ignore[no-unt
     )
     assert report.spared == 0 and not any(store.has_blob(d) for d in doomed)
     assert_nothing_lost(store)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--grace-days", "-1"), ("--grace-days", "nan"), ("--min-age-hours", "-5")],
+)
+def test_gc_refuses_a_negative_or_nan_duration(store_dir: Path, option: str, value: str) -> None:
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from kiln.cli import cli  # noqa: PLC0415
+
+    Store.open(str(store_dir)).close()
+    result = CliRunner().invoke(cli, ["--store", str(store_dir), "gc", option, value])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: {option} {float(value)}: must be a finite number >= 0"
+    ]
