@@ -22,11 +22,13 @@ folder name, which is how torch-neuronx finds an entry.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -128,25 +130,54 @@ class S3CacheSource:
             Bucket=self.bucket, Prefix=f"{key}/" if key else "", Delimiter="/"
         )
 
+    @contextlib.contextmanager
+    def _requests(self, rel: str) -> Iterator[None]:
+        """botocore's errors as the store's (missing credentials: one line naming the URL)
+        and a missing key as FileNotFoundError, as a local cache folder raises it."""
+        from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
+        from artifacts.backends.s3 import CREDENTIALS_ERRORS, no_credentials  # noqa: PLC0415
+
+        where = "/".join(p for p in (self.url, rel.strip("/")) if p)
+        try:
+            yield
+        except CREDENTIALS_ERRORS as exc:
+            raise no_credentials(self.url, exc) from exc
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code") or "")
+            if code in ("NoSuchKey", "404"):
+                raise FileNotFoundError(errno.ENOENT, "no such object", where) from exc
+            raise NeuronCacheError(
+                f"reading {where} failed: {code}: {error.get('Message') or exc}"
+            ) from exc
+        except BotoCoreError as exc:
+            raise NeuronCacheError(f"reading {where} failed: {exc}") from exc
+
     def list_dirs(self, rel: str) -> list[str]:
         names = []
-        for page in self._pages(rel):
-            for common in page.get("CommonPrefixes", []):
-                names.append(common["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+        with self._requests(rel):
+            for page in self._pages(rel):
+                for common in page.get("CommonPrefixes", []):
+                    names.append(common["Prefix"].rstrip("/").rsplit("/", 1)[-1])
         return sorted(names)
 
     def list_files(self, rel: str) -> dict[str, FileInfo]:
         out = {}
-        for page in self._pages(rel):
-            for obj in page.get("Contents", []):
-                name = obj["Key"].rsplit("/", 1)[-1]
-                modified = obj.get("LastModified")
-                mtime = modified.timestamp() if modified is not None else 0.0
-                out[name] = FileInfo(int(obj["Size"]), mtime)
+        with self._requests(rel):
+            for page in self._pages(rel):
+                for obj in page.get("Contents", []):
+                    name = obj["Key"].rsplit("/", 1)[-1]
+                    modified = obj.get("LastModified")
+                    mtime = modified.timestamp() if modified is not None else 0.0
+                    out[name] = FileInfo(int(obj["Size"]), mtime)
         return out
 
     def read(self, rel: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+        with self._requests(rel):
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            data: bytes = response["Body"].read()
+        return data
 
 
 def _s3_client(url: str) -> Any:
@@ -154,7 +185,7 @@ def _s3_client(url: str) -> Any:
     try:
         from artifacts.backends.s3 import _make_client  # noqa: PLC0415
 
-        return _make_client(4, None)
+        return _make_client(4, None, url)
     except (ImportError, AttributeError):
         pass
     try:

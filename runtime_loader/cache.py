@@ -7,6 +7,7 @@ A blob's mtime is touched when a model uses it, so pruning removes least recentl
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -17,7 +18,7 @@ from artifacts.backends.local import LocalBlobBackend
 from artifacts.config import CACHE_ENV, user_cache_dir
 from artifacts.digest import Digest
 from artifacts.errors import BlobCorrupted, BlobNotFound, SizeMismatch
-from runtime_loader.errors import LoaderError
+from runtime_loader.errors import CacheFull, LoaderError
 
 
 def default_cache_dir() -> Path:
@@ -60,8 +61,17 @@ class LocalCache:
         path = self._ref_path(ref)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"digest": str(digest), "store": store, "at": time.time()}))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps({"digest": str(digest), "store": store, "at": time.time()}))
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise CacheFull(
+                    f"the cache {self.root} ran out of space recording {ref} -> {digest}:"
+                    " make room (kiln cache prune --max-size SIZE) or use a larger disk"
+                ) from None
+            raise
 
     def lookup_ref(self, ref: str) -> Digest | None:
         try:

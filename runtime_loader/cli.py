@@ -102,6 +102,7 @@ def run_command(
     import numpy as np  # noqa: PLC0415
 
     from runtime_loader.errors import BadInput  # noqa: PLC0415
+    from runtime_loader.inputs import load_npz  # noqa: PLC0415
 
     if bool(texts) == bool(input_path):
         raise click.UsageError("give either --text (one or more) or --input FILE.npz")
@@ -111,10 +112,14 @@ def run_command(
     if texts:
         outputs = {"embeddings": model.encode(list(texts))}
     else:
-        with np.load(input_path) as data:
-            if "input_ids" not in data:
-                raise BadInput(f"{input_path}: needs an input_ids array")
+        data = load_npz(input_path)
+        if "input_ids" not in data:
+            listed = ", ".join(sorted(data)) or "none"
+            raise BadInput(f"{input_path}: needs an input_ids array (it has: {listed})")
+        try:
             outputs = model(data["input_ids"], data.get("attention_mask"))
+        except BadInput as exc:
+            raise BadInput(f"{input_path}: {exc}") from None
     if output_path is not None:
         np.savez(output_path, **outputs)
     summary = {
@@ -156,7 +161,9 @@ def _ids(text: str) -> list[list[int]]:
 @click.option("--do-sample", is_flag=True)
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
-@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option(
+    "--temperature", type=float, default=1.0, show_default=True, help="With --do-sample; 0: greedy."
+)
 @click.option("--seed", type=int, default=None)
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @store_options
@@ -180,13 +187,20 @@ def generate_command(
     offline: bool | None,
     as_json: bool,
 ) -> None:
-    """Generate tokens with a causal-LM release (context encoding, then token generation)."""
+    """Generate tokens with a causal-LM release (context encoding, then token generation).
+
+    --temperature 0 means greedy decoding, as without --do-sample."""
+    from runtime_loader import inputs  # noqa: PLC0415
     from runtime_loader.errors import BadInput  # noqa: PLC0415
+    from runtime_loader.sampling import SamplingConfig  # noqa: PLC0415
 
     prompts = _ids(prompt_ids)
+    SamplingConfig(do_sample, temperature, top_k, top_p)  # bad options fail before any pull
+    inputs.generation(max_new_tokens, eos_token_id, seed, None, None)
     model = _load(ref, store_url, index_url, cache_dir, offline)
     if not hasattr(model, "generate"):
         raise BadInput(f"{ref} is an {model.task} model: use `kiln run`")
+    inputs.prompts(prompts, model.vocab_size, name="--prompt-ids")
     options = dict(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,

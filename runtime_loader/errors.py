@@ -35,3 +35,15 @@ class WrongTarget(LoaderError, ValueError):
 
 class BadInput(LoaderError, ValueError):
     """Inputs that do not fit the model's signature."""
+
+
+class BadRelease(LoaderError, ValueError):
+    """A release manifest the loader cannot build a model from; names the field at fault."""
+
+
+class BadExecutable(LoaderError, ValueError):
+    """An executable blob that cannot be loaded here; names its digest and graph."""
+
+
+class CacheFull(LoaderError):
+    """The local cache's file system ran out of space while a blob was written."""

@@ -10,8 +10,10 @@ import numpy as np
 
 from artifacts.digest import Digest
 from artifacts.manifest import Graph, Release
+from runtime_loader import inputs
 from runtime_loader.cache import LocalCache
-from runtime_loader.errors import BadInput, InputTooLarge, LoaderError
+from runtime_loader.errors import BadExecutable, InputTooLarge, LoaderError
+from runtime_loader.release_check import check_release, check_weights
 from runtime_loader.safetensors_np import load_safetensors
 from runtime_loader.sampling import SamplingConfig, next_tokens
 
@@ -102,6 +104,7 @@ class CompiledModel:
         self.config = release.source.config
         self._cache = cache
         self._refetch = refetch
+        check_release(release, digest)
         self.graphs: dict[tuple[str, int, int], Graph] = {
             (g.kind, g.bucket["batch"], g.bucket["seq"]): g for g in release.graphs
         }
@@ -112,6 +115,7 @@ class CompiledModel:
             self._blob(release.source.weights[0].digest),
             f"weights {release.source.weights[0].digest}",
         )
+        check_weights(release, digest, weights)
         self._runner = _Runner(formats.pop(), weights)
 
     def _blob(self, digest: Digest) -> bytes:
@@ -143,8 +147,22 @@ class CompiledModel:
         self, kind: str, bucket: Bucket, inputs: dict[str, Any], on_device: bool = False
     ) -> list[Any]:
         graph = self.graphs[(kind, bucket.batch, bucket.seq)]
-        exe = self._runner.executable(graph, lambda: self._blob(graph.executable.digest))
+        try:
+            exe = self._runner.executable(graph, lambda: self._blob(graph.executable.digest))
+        except LoaderError:
+            raise
+        except ValueError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise BadExecutable(
+                f"release {self.name}@{self.digest.short}: graph {graph.kind}"
+                f" {graph.bucket_label}: executable {graph.executable.digest}: {reason}"
+            ) from exc
         return self._runner.run(graph, exe, inputs, on_device)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """From the config; token ids outside 0..vocab_size-1 are refused."""
+        return inputs.vocab_size(self.config)
 
     @property
     def pad_token_id(self) -> int:
@@ -171,12 +189,12 @@ class EncoderModel(CompiledModel):
         attention_mask: np.ndarray | None = None,
         truncate: bool = False,
     ) -> dict[str, np.ndarray]:
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2:
-            raise BadInput(f"input_ids must be [batch, seq], got shape {ids.shape}")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        if mask.shape != ids.shape:
-            raise BadInput(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        ids = inputs.token_ids(input_ids, self.vocab_size)
+        mask = (
+            np.ones_like(ids)
+            if attention_mask is None
+            else inputs.attention_mask(attention_mask, ids.shape)
+        )
         if ids.shape[1] > self.max_seq:
             if not truncate:
                 listed = ", ".join(str(s) for s in sorted({b.seq for b in self.buckets()}))
@@ -284,8 +302,7 @@ class CausalLM(CompiledModel):
                 pad_token_id,
             )
         )
-        rows = len(_prompts(input_ids))
-        return np.stack(steps, axis=1) if steps else np.zeros((rows, 0), dtype=np.int64)
+        return np.stack(steps, axis=1)
 
     def generate_stream(
         self,
@@ -299,18 +316,30 @@ class CausalLM(CompiledModel):
         seed: int | None = None,
         pad_token_id: int | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield one token per row per step as soon as it is chosen."""
-        prompts = _prompts(input_ids)
-        if max_new_tokens < 1:
-            return
-        pad = self.pad_token_id if pad_token_id is None else pad_token_id
+        """Yield one token per row per step as soon as it is chosen. Bad arguments (BadInput)
+        and a prompt too long for every bucket (InputTooLarge) fail here, before the first
+        step is asked for."""
+        prompts = inputs.prompts(input_ids, self.vocab_size)
+        inputs.generation(max_new_tokens, eos_token_id, seed, pad_token_id, self.vocab_size)
         config = SamplingConfig(do_sample, temperature, top_k, top_p)
-        rng = np.random.default_rng(seed)
         lengths = np.array([len(p) for p in prompts])
-        if lengths.min() < 1:
-            raise BadInput("every prompt needs at least one token")
         need = int(lengths.max()) + max_new_tokens - 1
         bucket = self._generation_bucket(len(prompts), need)
+        pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
+        rng = np.random.default_rng(seed)
+        return self._steps(prompts, lengths, bucket, max_new_tokens, eos_token_id, config, rng, pad)
+
+    def _steps(
+        self,
+        prompts: list[list[int]],
+        lengths: np.ndarray,
+        bucket: Bucket,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        config: SamplingConfig,
+        rng: np.random.Generator,
+        pad: int,
+    ) -> Iterator[np.ndarray]:
         ids = np.full((bucket.batch, bucket.seq), pad, dtype=np.int64)
         mask = np.zeros((bucket.batch, bucket.seq), dtype=np.int64)
         for row, prompt in enumerate(prompts):
@@ -360,17 +389,6 @@ class CausalLM(CompiledModel):
                 f" max_new_tokens - 1) fit no bucket (batch x seq: {listed}); shorten the prompt"
                 " or lower max_new_tokens"
             ) from None
-
-
-def _prompts(input_ids: Any) -> list[list[int]]:
-    if isinstance(input_ids, np.ndarray):
-        if input_ids.ndim == 1:
-            return [input_ids.tolist()]
-        return [row.tolist() for row in input_ids]
-    items = list(input_ids)
-    if items and isinstance(items[0], (int, np.integer)):
-        return [[int(t) for t in items]]
-    return [[int(t) for t in row] for row in items]
 
 
 def model_for(

@@ -3,6 +3,8 @@ atomic per blob, resumable (finished blobs are never fetched again)."""
 
 from __future__ import annotations
 
+import errno
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +15,7 @@ from artifacts.digest import Digest
 from artifacts.errors import BlobCorrupted, SizeMismatch
 from artifacts.manifest import Release
 from runtime_loader.cache import LocalCache
-from runtime_loader.errors import WrongTarget
+from runtime_loader.errors import CacheFull, WrongTarget
 
 Progress = Callable[[int, int], None]
 
@@ -31,6 +33,44 @@ class PullReport:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (or a quota's EDQUOT), raised directly or as the cause of another error."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def cache_full(cache: LocalCache, what: str, size: int | None) -> CacheFull:
+    from artifacts.table import human_size  # noqa: PLC0415
+
+    try:
+        free = f"{human_size(shutil.disk_usage(cache.root).free)} free"
+    except OSError:
+        free = "free space unknown"
+    needs = f" ({human_size(size)})" if size is not None else ""
+    return CacheFull(
+        f"the cache {cache.root} ran out of space writing {what}{needs}, {free}: make room"
+        " (kiln cache prune --max-size SIZE) or use a larger disk (--cache-dir or"
+        " KILN_CACHE_DIR); blobs already pulled are kept, and pulling again fetches the rest"
+    )
+
+
+def store_in_cache(store: Any, cache: LocalCache, digest: Digest, size: int | None = None) -> int:
+    """Copy one blob from the store into the cache (verified, atomic); its size."""
+    try:
+        with store.open_blob(digest) as reader:
+            return cache.backend.put(reader, expected=digest).size
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise cache_full(cache, f"blob {digest}", size) from None
+        raise
 
 
 def needed_blobs(release: Release) -> dict[Digest, int]:
@@ -55,8 +95,7 @@ def pull_blobs(
     done = 0
 
     def fetch(digest: Digest) -> int:
-        with store.open_blob(digest) as reader:
-            return cache.backend.put(reader, expected=digest).size
+        return store_in_cache(store, cache, digest, digests[digest])
 
     fetched_bytes = 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -82,8 +121,7 @@ def pull_release(
     start = time.monotonic()
 
     def fetch_manifest() -> None:
-        with store.open_blob(digest) as reader:
-            cache.backend.put(reader, expected=digest)
+        store_in_cache(store, cache, digest)
 
     if not cache.has(digest):
         fetch_manifest()

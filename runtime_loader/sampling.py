@@ -1,10 +1,17 @@
-"""Next-token choice on the host with numpy: greedy, or temperature / top-k / top-p sampling."""
+"""Next-token choice on the host with numpy: greedy, or temperature / top-k / top-p sampling.
+
+`temperature=0` means greedy decoding even with `do_sample` (the limit of sampling as the
+temperature falls, and what OpenAI-style APIs do), instead of dividing by zero.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from runtime_loader.errors import BadInput
+from runtime_loader.inputs import is_int, option, real
 
 
 @dataclass(frozen=True)
@@ -15,17 +22,24 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        """BadInput (a ValueError) naming the option, for values sampling cannot use."""
+        if real(self.temperature, "temperature") < 0:
+            raise BadInput(
+                f"{option('temperature')} must be >= 0 (0 means greedy), got {self.temperature}"
+            )
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+            raise BadInput(f"{option('top_k')} must be an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < real(self.top_p, "top_p") <= 1:
+            raise BadInput(f"{option('top_p')} must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
 
 
 def next_tokens(logits: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
     """One token per row of `logits` [B, V]."""
-    if not config.do_sample:
+    if config.greedy:
         return logits.argmax(axis=-1)
     scores = logits.astype(np.float64) / config.temperature
     if config.top_k is not None and config.top_k < scores.shape[-1]:

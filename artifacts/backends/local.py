@@ -94,7 +94,7 @@ class LocalBlobBackend:
                             break
                         chunk = memoryview(data)
                     hasher.update(chunk)
-                    out.write(chunk)
+                    _write_all(out, chunk)
                 os.fsync(out.fileno())
             digest = hasher.digest()
             if expected is not None and digest != expected:
@@ -145,3 +145,12 @@ class LocalBlobBackend:
                 Path(entry.path).unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def _write_all(out: IO[bytes], chunk: memoryview) -> None:
+    """An unbuffered write may be short (a disk that is nearly full takes what fits and
+    says so only in the count): write the rest, so that a full disk raises ENOSPC instead of
+    leaving a blob whose bytes are not the ones hashed."""
+    while chunk:
+        written = out.write(chunk)
+        chunk = chunk[written:]

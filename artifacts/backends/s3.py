@@ -103,6 +103,8 @@ _NETWORK_ERRORS = (
     IncompleteReadError,
 )
 
+CREDENTIALS_ERRORS = (NoCredentialsError, PartialCredentialsError)
+
 T = TypeVar("T")
 
 
@@ -120,6 +122,15 @@ class S3AccessDenied(S3Error, StoreConfigError):
 
 class S3Unreachable(S3Error, ConnectionError):
     """The endpoint could not be reached, or dropped the connection, after retries."""
+
+
+def no_credentials(url: str, exc: BaseException) -> S3AccessDenied:
+    """The one error for a request that botocore could not sign (CREDENTIALS_ERRORS), for
+    every S3 caller: the store backend and readers of other S3 prefixes (Neuron caches)."""
+    return S3AccessDenied(
+        f"no usable AWS credentials for {url} ({exc}): set AWS_ACCESS_KEY_ID and"
+        " AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    )
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -169,7 +180,9 @@ class S3BlobBackend:
         self.workers = max(1, workers)
         self.copy_threshold = min(copy_threshold, MAX_COPY_SIZE)
         self.copy_part_size = copy_part_size
-        self.client = client if client is not None else _make_client(self.workers, max_attempts)
+        self.client = client if client is not None else _make_client(
+            self.workers, max_attempts, self.url
+        )
         self.endpoint = str(getattr(self.client.meta, "endpoint_url", "") or "AWS S3")
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -584,11 +597,8 @@ class S3BlobBackend:
             if status in expect and _code(exc) != "NoSuchBucket":
                 raise _Status(status) from None
             raise self._client_error(exc, key, action) from exc
-        except (NoCredentialsError, PartialCredentialsError) as exc:
-            raise S3AccessDenied(
-                f"no usable AWS credentials for {self.url} ({exc}): set AWS_ACCESS_KEY_ID and"
-                " AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
-            ) from exc
+        except CREDENTIALS_ERRORS as exc:
+            raise no_credentials(self.url, exc) from exc
         except _NETWORK_ERRORS as exc:
             raise self._unreachable(exc, key, action) from exc
         except BotoCoreError as exc:
@@ -636,6 +646,8 @@ class S3BlobBackend:
                 raise self._no_bucket() from exc
             # 403: a policy may allow objects but not HeadBucket (s3:ListBucket); the
             # requests themselves will say if access is really denied.
+        except CREDENTIALS_ERRORS as exc:
+            raise no_credentials(self.url, exc) from exc
         except _NETWORK_ERRORS as exc:
             raise self._unreachable(exc, "", "HeadBucket") from exc
         self._bucket_checked = True
@@ -901,14 +913,19 @@ class _ParallelReader(io.RawIOBase):
         super().close()
 
 
-def _make_client(workers: int, max_attempts: int | None) -> Any:
+def _make_client(workers: int, max_attempts: int | None, url: str = "S3") -> Any:
+    """A client with adaptive retries; partial credentials in the environment (botocore
+    checks them here, not at the first request) fail as `no_credentials(url)`."""
     retries: dict[str, Any] = {"mode": "adaptive"}
     if max_attempts is not None:
         retries["total_max_attempts"] = max_attempts
     elif not os.environ.get("AWS_MAX_ATTEMPTS"):
         retries["total_max_attempts"] = DEFAULT_MAX_ATTEMPTS
     config = Config(retries=retries, max_pool_connections=max(10, 2 * workers))  # type: ignore[arg-type]
-    return boto3.session.Session().client("s3", config=config)
+    try:
+        return boto3.session.Session().client("s3", config=config)
+    except CREDENTIALS_ERRORS as exc:
+        raise no_credentials(url, exc) from exc
 
 
 def _status(exc: ClientError) -> int:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime_loader.blob_kind import blob_kind
+
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -141,6 +143,12 @@ class XlaCpuExecutable:
                 executable_bytes, xla.DeviceList((device,)), None
             )
         except Exception as exc:  # jaxlib raises its own runtime error types
+            kind = blob_kind(executable_bytes)
+            if kind is not None:
+                raise ValueError(
+                    f"not an xla-cpu executable: the blob holds {kind}"
+                    " (the manifest's executable digest points at the wrong blob)"
+                ) from exc
             import jaxlib.version  # noqa: PLC0415
 
             raise ValueError(
