@@ -6,6 +6,7 @@ compiles), killed while its two spawned workers are busy."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -127,4 +128,21 @@ def test_sigkill_of_the_parent_takes_the_workers_with_it(
     children = _wait_for_workers(compile_proc)
     compile_proc.kill()
     compile_proc.wait(timeout=30)
+    _assert_all_gone(children)
+
+
+def test_a_worker_killed_like_the_oom_killer_does_fails_its_graphs_with_a_reason(
+    compile_proc: subprocess.Popen[str],
+) -> None:
+    children = _wait_for_workers(compile_proc)
+    victim = next(p for p in children if "spawn_main" in _cmdline(p))
+    os.kill(victim, signal.SIGKILL)  # what the kernel's OOM killer sends
+    out, err = compile_proc.communicate(timeout=120)
+    assert compile_proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err
+    report = json.loads(out)
+    failed = [i for i in report["items"] if i["status"] == "failed"]
+    assert failed and report["failed"] == len(failed) == report["jobs"] - report["compiled"]
+    assert all("worker process died" in i["error"] for i in failed), failed
+    assert all("out of memory" in i["error"] for i in failed)
     _assert_all_gone(children)
