@@ -110,7 +110,8 @@ def acquire(store: Store | Engine, key: str, owner: str, ttl: float) -> bool:
     engine = _engine(store)
     current = holder(engine, key)
     if current is not None and current.live and current.owner != owner:
-        return False
+        if not _stale(engine, current):
+            return False
     with write_transaction(engine) as conn:
         ops.lock_key(conn, f"lease:{key}")
         current = _read(conn, key)
@@ -122,7 +123,7 @@ def acquire(store: Store | Engine, key: str, owner: str, ttl: float) -> bool:
                 {"key": key, "acquired_at": now, **values},
             )
             return True
-        if current.owner != owner and current.expires_at > now:
+        if current.owner != owner and current.expires_at > now and not _stale(engine, current):
             return False
         if current.owner != owner:
             values["acquired_at"] = now
@@ -211,14 +212,28 @@ def describe_wait(key: str, info: LeaseInfo) -> str:
     host, _, rest = info.owner.partition(":")
     pid = rest.partition(":")[0]
     where = f"pid {pid} on {host}" if pid.isdigit() else info.owner
-    dead = ""
-    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-        dead = f" (pid {pid} is no longer running: the lease is stale)"
+    dead = f" (pid {pid} is no longer running: the lease is stale)"
+    dead = dead if _dead_here(info.owner) else ""
     return (
         f"waiting for lease {key}, held by {where}{dead} for {info.now - info.acquired_at:.0f}s,"
         f" last heartbeat {info.now - info.heartbeat_at:.0f}s ago; it expires in"
         f" {max(0.0, info.expires_at - info.now):.0f}s unless renewed"
     )
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether `owner` (host:pid:random) names a process of this host that has exited."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def _stale(engine: Engine, info: LeaseInfo) -> bool:
+    """A live-looking lease whose holder is known dead: on SQLite every holder runs on this
+    machine, so a holder pid that has exited (a killed `kiln compile`) frees the lease now
+    instead of at its expiry. (On a shared PostgreSQL index pids of other hosts, or of other
+    containers with the same host name, prove nothing.)"""
+    return engine.dialect.name == "sqlite" and _dead_here(info.owner)
 
 
 def _pid_alive(pid: int) -> bool:

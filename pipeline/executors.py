@@ -70,16 +70,23 @@ class LocalPool:
             initializer=die_with_parent,
             initargs=(os.getpid(),),
         )
+        self._terminated = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:  # type: ignore[type-arg]
         return self._pool.submit(fn, *args)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if not self._terminated:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def terminate(self) -> None:
         """SIGTERM every worker (SIGKILL after a grace period) and drop queued work."""
+        self._terminated = True
         processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        manager = getattr(self._pool, "_executor_manager_thread", None)
+        # Shut down first, while the manager thread still has its wakeup pipe open (CPython
+        # 3.11 races on that pipe when the manager closes it after a worker dies).
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             if process.is_alive():
                 process.terminate()
@@ -89,7 +96,8 @@ class LocalPool:
             if process.is_alive():
                 process.kill()
                 process.join(1.0)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if manager is not None:  # it sees the dead workers and exits
+            manager.join(TERMINATE_GRACE_S)
 
 
 def make_executor(kind: str, workers: int) -> Executor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import socket
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import Connection, select, update
 
 from artifacts.digest import canonical_json
 from artifacts.diskspace import disk_full_error, is_disk_full
@@ -352,6 +353,7 @@ class Runner:
 
     def _record_run_start(self, started_at: float) -> None:
         with write_transaction(self.store.engine) as conn:
+            _mark_dead_runs_interrupted(conn)
             conn.execute(
                 RunRow.__table__.insert(),
                 {  # type: ignore[attr-defined]
@@ -362,7 +364,7 @@ class Runner:
                     "spec_digest": str(self.spec.digest),
                     "host": socket.gethostname(),
                     "user": _user(),
-                    "summary": "{}",
+                    "summary": json.dumps({"pid": os.getpid()}),  # for _mark_dead_runs
                     "record_digest": None,
                 },
             )
@@ -384,8 +386,12 @@ class Runner:
                         status=INTERRUPTED, finished_at=time.time(), summary=json.dumps(summary)
                     )
                 )
-        except Exception as exc:  # noqa: BLE001 - nothing more can be done
-            sys.stderr.write(f"kiln: cannot mark run {self.report.run_id} interrupted: {exc}\n")
+        except Exception as exc:  # noqa: BLE001 - the next run on this host marks it
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            sys.stderr.write(
+                f"kiln: cannot mark run {self.report.run_id} interrupted now ({reason});"
+                " the next `kiln compile` on this host will\n"
+            )
 
     def _record_run_end(self, started_at: float, status: str | None = None) -> None:
         summary = {k: v for k, v in self.report.to_json().items() if k != "items"}
@@ -409,6 +415,32 @@ class Runner:
                 )
             )
             index_run(conn, str(put.digest), record)
+
+
+def _mark_dead_runs_interrupted(conn: Connection) -> None:
+    """Runs of this host still `running` whose process is gone (SIGKILL, or the disk was
+    too full to record the end) become `interrupted`."""
+    host = socket.gethostname()
+    rows = conn.execute(
+        select(RunRow.id, RunRow.summary).where(RunRow.status == "running", RunRow.host == host)
+    ).all()
+    for run_id, summary in rows:
+        try:
+            pid = json.loads(summary or "{}").get("pid")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(pid, int) and not _pid_alive(pid):
+            conn.execute(update(RunRow).where(RunRow.id == run_id).values(status=INTERRUPTED))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists
+        return True
+    return True
 
 
 def _user() -> str:
