@@ -33,6 +33,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow  # two real compiles: about 30 s on an idle 2-core machine
 def test_disk_full_is_one_line_naming_the_device_and_the_run_is_interrupted(
     small_disk: Path, tmp_path: Path
 ) -> None:
