@@ -402,11 +402,18 @@ def tag_command(
 @click.command("verify")
 @store_options
 @json_option
-@click.option("--workers", default=4, show_default=True, help="Parallel rehash threads.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Parallel rehash threads.",
+)
 def verify_command(
     store_url: str | None, index_url: str | None, as_json: bool, workers: int
 ) -> None:
     """Rehash every blob and check the index against the blobs; exit 1 naming bad digests."""
+    from artifacts.index.db import display_url  # noqa: PLC0415
     from artifacts.progress import ProgressLine  # noqa: PLC0415
     from artifacts.verify import verify_store  # noqa: PLC0415
 
@@ -417,12 +424,20 @@ def verify_command(
     else:
         for p in report.problems:
             click.echo(f"BAD {p.digest}: {p.problem}")
+        if report.index_problems:
+            first, more = report.index_problems[0], len(report.index_problems) - 1
+            click.echo(
+                f"BAD index {display_url(store.index_url)}: {first}"
+                + (f" (and {more} more)" if more else "")
+                + "; rebuild it from the blobs with `kiln reindex`"
+            )
         if report.unindexed:
             click.echo(
                 f"note: {len(report.unindexed)} blobs are not in the index"
                 " (`kiln reindex` adds them)"
             )
         state = "ok" if report.ok else f"{len(report.bad)} bad"
+        state += ", index damaged" if report.index_problems else ""
         click.echo(f"checked {report.checked} blobs ({human_size(report.bytes)}): {state}")
     if not report.ok:
         sys.exit(1)

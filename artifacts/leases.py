@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from typing import TypeVar
 from sqlalchemy import Connection, Engine, delete, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from artifacts.errors import StoreIndexError
 from artifacts.index import ops
 from artifacts.index.db import write_transaction
 from artifacts.index.models import LeaseRow
@@ -32,6 +34,7 @@ from artifacts.store import Store
 TTL_ENV = "KILN_LEASE_TTL"
 DEFAULT_TTL_S = 60.0
 POLL_S = 0.5
+NOTICE_EVERY_S = 15.0
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -107,7 +110,8 @@ def acquire(store: Store | Engine, key: str, owner: str, ttl: float) -> bool:
     engine = _engine(store)
     current = holder(engine, key)
     if current is not None and current.live and current.owner != owner:
-        return False
+        if not _stale(engine, current):
+            return False
     with write_transaction(engine) as conn:
         ops.lock_key(conn, f"lease:{key}")
         current = _read(conn, key)
@@ -119,7 +123,7 @@ def acquire(store: Store | Engine, key: str, owner: str, ttl: float) -> bool:
                 {"key": key, "acquired_at": now, **values},
             )
             return True
-        if current.owner != owner and current.expires_at > now:
+        if current.owner != owner and current.expires_at > now and not _stale(engine, current):
             return False
         if current.owner != owner:
             values["acquired_at"] = now
@@ -175,7 +179,7 @@ class KeptLease:
         while not self._stop.wait(self.interval):
             try:
                 alive = heartbeat(self.engine, self.key, self.owner, self.ttl)
-            except SQLAlchemyError as exc:  # a blip: the next beat may get through
+            except (SQLAlchemyError, StoreIndexError) as exc:  # the next beat may get through
                 log.warning("lease %s: heartbeat failed: %s", self.key, exc)
                 continue
             if not alive:
@@ -192,7 +196,7 @@ class KeptLease:
         self._thread.join()
         try:
             release(self.engine, self.key, self.owner)
-        except SQLAlchemyError as error:  # it expires on its own
+        except (SQLAlchemyError, StoreIndexError) as error:  # it expires on its own
             log.warning("lease %s: release failed: %s", self.key, error)
 
 
@@ -203,6 +207,50 @@ def keep(
     return KeptLease(store, key, owner, ttl, interval)
 
 
+def describe_wait(key: str, info: LeaseInfo) -> str:
+    """One line for a waiter: who holds `key`, since when, and when the lease runs out."""
+    host, _, rest = info.owner.partition(":")
+    pid = rest.partition(":")[0]
+    where = f"pid {pid} on {host}" if pid.isdigit() else info.owner
+    dead = f" (pid {pid} is no longer running: the lease is stale)"
+    dead = dead if _dead_here(info.owner) else ""
+    return (
+        f"waiting for lease {key}, held by {where}{dead} for {info.now - info.acquired_at:.0f}s,"
+        f" last heartbeat {info.now - info.heartbeat_at:.0f}s ago; it expires in"
+        f" {max(0.0, info.expires_at - info.now):.0f}s unless renewed"
+    )
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether `owner` (host:pid:random) names a process of this host that has exited."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def _stale(engine: Engine, info: LeaseInfo) -> bool:
+    """A live-looking lease whose holder is known dead: on SQLite every holder runs on this
+    machine, so a holder pid that has exited (a killed `kiln compile`) frees the lease now
+    instead of at its expiry. (On a shared PostgreSQL index pids of other hosts, or of other
+    containers with the same host name, prove nothing.)"""
+    return engine.dialect.name == "sqlite" and _dead_here(info.owner)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists
+        return True
+    return True
+
+
+def print_wait(line: str) -> None:
+    sys.stderr.write(f"kiln: {line}\n")
+    sys.stderr.flush()
+
+
 def acquire_or_wait(
     store: Store | Engine,
     key: str,
@@ -210,14 +258,25 @@ def acquire_or_wait(
     ttl: float,
     ready: Callable[[], T | None],
     poll: float = POLL_S,
+    notify: Callable[[str], None] | None = print_wait,
+    notify_every: float = NOTICE_EVERY_S,
 ) -> T | None:
     """Acquire `key` (returns None: the caller holds it now), or, while another live owner
     holds it, poll `ready()` until it returns a result (returned) or the lease is released
-    or expires (taken over: returns None)."""
+    or expires (taken over: returns None).
+
+    While waiting, `notify` gets a line saying who holds the lease and when it expires: once
+    at the start, then every `notify_every` seconds."""
+    next_notice = time.monotonic()
     while True:
         if acquire(store, key, owner, ttl):
             return None
         result = ready()
         if result is not None:
             return result
+        if notify is not None and time.monotonic() >= next_notice:
+            current = holder(store, key)
+            if current is not None and current.owner != owner:
+                notify(describe_wait(key, current))
+                next_notice = time.monotonic() + notify_every
         time.sleep(poll * random.uniform(0.8, 1.2))

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
+from sqlalchemy.exc import DatabaseError
 
 from artifacts.backends import BlobInfo
 from artifacts.digest import CHUNK_SIZE, Digest
@@ -14,6 +15,7 @@ from artifacts.errors import ArtifactError
 from artifacts.index.models import BlobRow, ManifestBlobRow, ManifestRow, TagRow
 from artifacts.store import Store
 
+MAX_INDEX_PROBLEMS = 20
 Progress = Callable[[int, int], None]
 BlobCheck = Callable[[Store, Digest, str | None], str | None]
 
@@ -33,6 +35,7 @@ class VerifyReport:
     bytes: int
     problems: tuple[Problem, ...]
     unindexed: tuple[str, ...] = field(default=())
+    index_problems: tuple[str, ...] = field(default=())  # the index file itself is damaged
 
     @property
     def bad(self) -> list[str]:
@@ -40,7 +43,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.index_problems
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -49,6 +52,7 @@ class VerifyReport:
             "bad": self.bad,
             "problems": [p.to_json() for p in self.problems],
             "unindexed": list(self.unindexed),
+            "index_problems": list(self.index_problems),
         }
 
 
@@ -72,23 +76,31 @@ def _rehash(store: Store, info: BlobInfo) -> str | None:
     return None
 
 
+def check_index(store: Store) -> tuple[str, ...]:
+    """SQLite's own integrity check of the index file (pages, b-trees, index entries): the
+    problems it lists, or () when it says ok. Other databases check themselves."""
+    if store.engine.dialect.name != "sqlite":
+        return ()
+    try:
+        with store.engine.connect() as conn:
+            rows = conn.exec_driver_sql(f"PRAGMA integrity_check({MAX_INDEX_PROBLEMS})").all()
+    except DatabaseError as exc:
+        return (_short(exc),)
+    return tuple(str(r[0]) for r in rows if str(r[0]) != "ok")
+
+
 def verify_store(store: Store, workers: int = 4, progress: Progress | None = None) -> VerifyReport:
-    """Rehash every blob, then cross-check index rows, release references and tags."""
+    """Check the index file, rehash every blob, then cross-check index rows, release
+    references and tags (skipped when the index cannot be read)."""
     problems: list[Problem] = []
+    index_problems = check_index(store)
     blobs = list(store.backend.iter_blobs())
     total_bytes = sum(b.size for b in blobs)
-    with store.engine.connect() as conn:
-        indexed = {
-            d: (s, k)
-            for d, s, k in conn.execute(select(BlobRow.digest, BlobRow.size, BlobRow.kind))
-        }
-        refs = conn.execute(
-            select(ManifestBlobRow.blob_digest, ManifestRow.name, ManifestRow.digest).join(
-                ManifestRow, ManifestRow.digest == ManifestBlobRow.manifest_digest
-            )
-        ).all()
-        manifests = {d for (d,) in conn.execute(select(ManifestRow.digest))}
-        tags = conn.execute(select(TagRow.name, TagRow.tag, TagRow.digest)).all()
+    try:
+        indexed, refs, manifests, tags = _read_index(store)
+    except DatabaseError as exc:
+        index_problems = (*index_problems, _short(exc))
+        indexed, refs, manifests, tags = {}, [], set(), []
 
     done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -102,6 +114,8 @@ def verify_store(store: Store, workers: int = 4, progress: Progress | None = Non
             if progress:
                 progress(done, len(blobs))
 
+    if index_problems:  # rows of a damaged index prove nothing either way
+        return VerifyReport(len(blobs), total_bytes, tuple(_dedupe(problems)), (), index_problems)
     present = {str(b.digest): b.size for b in blobs}
     for digest, (size, _kind) in sorted(indexed.items()):
         if digest not in present:
@@ -119,6 +133,26 @@ def verify_store(store: Store, workers: int = 4, progress: Progress | None = Non
             problems.append(Problem(digest, f"tag {name}:{tag} points at a missing release"))
     unindexed = tuple(sorted(d for d in present if d not in indexed))
     return VerifyReport(len(blobs), total_bytes, tuple(_dedupe(problems)), unindexed)
+
+
+def _read_index(store: Store) -> tuple[dict[str, tuple[int, str | None]], list, set[str], list]:  # type: ignore[type-arg]
+    with store.engine.connect() as conn:
+        indexed = {
+            d: (s, k)
+            for d, s, k in conn.execute(select(BlobRow.digest, BlobRow.size, BlobRow.kind))
+        }
+        refs = conn.execute(
+            select(ManifestBlobRow.blob_digest, ManifestRow.name, ManifestRow.digest).join(
+                ManifestRow, ManifestRow.digest == ManifestBlobRow.manifest_digest
+            )
+        ).all()
+        manifests = {d for (d,) in conn.execute(select(ManifestRow.digest))}
+        tags = conn.execute(select(TagRow.name, TagRow.tag, TagRow.digest)).all()
+    return indexed, list(refs), manifests, list(tags)
+
+
+def _short(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
 
 
 def _extra(store: Store, digest: Digest, kind: str | None) -> str | None:

@@ -87,17 +87,19 @@ def user_error_message(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> Any:
     try:
         return cli.main(args=argv, prog_name="kiln", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("kiln: aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:  # click's name for a KeyboardInterrupt
+        cause = exc.__cause__
+        text = str(cause) if cause is not None else ""  # SIGTERM: "terminated (SIGTERM)"
+        click.echo(f"kiln: {text or 'aborted'}", err=True)
+        sys.exit(getattr(cause, "exit_code", 130))
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("kiln: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # also pipeline.interrupt.Terminated (SIGTERM: 143)
+        click.echo(f"kiln: {str(exc) or 'interrupted'}", err=True)
+        sys.exit(getattr(exc, "exit_code", 130))
     except Exception as exc:  # noqa: BLE001 - the one place errors become a line
         message = user_error_message(exc)
         if message is None:

@@ -73,12 +73,21 @@ def plan_command(
 
 @click.command("compile")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
-@click.option("--workers", type=int, default=None, help="Worker processes (default: cores).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes (default: cores).",
+)
 @click.option("--backend", type=BACKEND_CHOICES, default="auto", show_default=True)
 @click.option("--tag", default=None, help="Tag every release NAME:TAG (default: the spec's).")
 @click.option("--flags", "flags", multiple=True, help="Compiler flags for every graph.")
 @click.option(
-    "--timeout", type=float, default=3600.0, show_default=True, help="Seconds per graph compile."
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3600.0,
+    show_default=True,
+    help="Seconds per graph compile.",
 )
 @click.option("--no-retry-failed", is_flag=True, help="Skip graphs whose last compile failed.")
 @click.option(
@@ -127,6 +136,7 @@ def compile_command(
     graphs are compiled and nothing is published: a final unsharded run tags the releases."""
     from artifacts.refs import TAG_RE  # noqa: PLC0415
     from pipeline.executors import make_executor  # noqa: PLC0415
+    from pipeline.interrupt import sigterm_interrupts  # noqa: PLC0415
     from pipeline.jobs import plan_spec  # noqa: PLC0415
     from pipeline.run import Runner, RunOptions  # noqa: PLC0415
     from pipeline.shard import ShardError, resolve_shard, select_shard  # noqa: PLC0415
@@ -139,7 +149,7 @@ def compile_command(
     except ShardError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard/--shard-count") from None
     spec = load_spec(spec_path)
-    with open_store(store_url, index_url) as store:
+    with sigterm_interrupts(), open_store(store_url, index_url) as store:
         plans = plan_spec(spec, store, backend, _flags(flags))
         if part is not None:
             plans = select_shard(plans, part)
@@ -159,6 +169,9 @@ def compile_command(
                 progress=None if as_json else _progress,
             )
             report = runner.run()
+        except BaseException:  # Ctrl-C, SIGTERM, a full disk: stop the workers now
+            executor.terminate()
+            raise
         finally:
             executor.shutdown()
     if as_json:

@@ -16,6 +16,8 @@ from artifacts.index.models import BlobRow, CompilationRow, RecipeRow, WeightsRo
 from artifacts.store import Store
 from pipeline.compile import backend_for_target
 from pipeline.keys import architecture_digest, direct_key, weights_key
+from pipeline.memory import check_model as check_model_memory
+from pipeline.memory import host_memory_bytes
 from pipeline.neuron_flags import NeuronFlagError, validate_flags
 from pipeline.sources import raw_config, weights_identity
 from pipeline.spec import Bucket, ModelSpec, Spec
@@ -115,6 +117,7 @@ def plan_model(
     require_tracer(model.tracer)  # a missing tracer package fails the plan, not each graph
     tracer = tracer_identity(model.tracer)
     config = raw_config(model)
+    check_model_memory(model, config, host_memory_bytes())  # before anything is traced
     arch = architecture_digest({**config, "_kiln_task": model.task})
     wkey = weights_key(source={"task": model.task, **weights_identity(model)}, dtype=model.dtype)
     plan = ModelPlan(model, arch, wkey, None)

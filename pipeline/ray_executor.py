@@ -89,3 +89,7 @@ class RayExecutor:
         if self._owns:
             self._owns = False
             self._ray.shutdown()
+
+    def terminate(self) -> None:
+        """Stop now: a local instance's workers stop with it; a cluster keeps running."""
+        self.shutdown()

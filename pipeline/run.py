@@ -4,16 +4,24 @@ publish releases, record the run. Work runs in a process pool (spawn) or another
 from __future__ import annotations
 
 import getpass
+import json
+import os
 import socket
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Connection, select, update
+
 from artifacts.digest import canonical_json
-from artifacts.index.db import write_transaction
+from artifacts.diskspace import disk_full_error, is_disk_full
+from artifacts.index.db import _sqlite_path, write_transaction
 from artifacts.index.models import RunRow
 from artifacts.records import RUN_MEDIA_TYPE
 from artifacts.reindex import index_run
@@ -28,6 +36,7 @@ HIT_DIRECT = "direct-hit"
 HIT_HLO = "hlo-hit"
 COMPILED = "compiled"
 FAILED = "failed"
+INTERRUPTED = "interrupted"  # a run's status (never an item's): it stopped before the end
 
 
 @dataclass
@@ -133,10 +142,54 @@ class Runner:
             self.progress(item, len(self.report.items), self.total)
 
     def run(self) -> RunReport:
+        """Run every job. If the run stops early (Ctrl-C, SIGTERM, a full disk, a bug), its
+        record is marked `interrupted` before the error propagates; a full disk is raised as
+        one DiskFull line naming the filesystem."""
         start = time.monotonic()
         started_at = time.time()
         self._record_run_start(started_at)
-        claim_reused(self.store, self.plans)
+        try:
+            claim_reused(self.store, self.plans)
+            self._run()
+            self.report.seconds = time.monotonic() - start
+            self._record_run_end(started_at)
+        except BaseException as exc:
+            self.report.seconds = time.monotonic() - start
+            self._record_interrupted(started_at)
+            if is_disk_full(exc, self._local_paths()):
+                raise disk_full_error(exc, self._local_paths(), "compiling") from exc
+            raise
+        return self.report
+
+    def _local_paths(self) -> list[str]:
+        """Where this run writes on local disks: the store, its SQLite index, the temp dir."""
+        paths = [tempfile.gettempdir()]
+        root = getattr(self.store.backend, "root", None)
+        if root is not None:
+            paths.insert(0, str(root))
+        index = _sqlite_path(self.store.index_url)
+        if index is not None:
+            paths.insert(0, str(index))
+        return paths
+
+    def _worker_failed(self, exc: BaseException, what: str) -> str:
+        """The error text of a job whose worker raised `exc` (a full disk stops the run)."""
+        if is_disk_full(exc, self._local_paths()):
+            raise exc
+        if isinstance(exc, BrokenProcessPool):
+            return (
+                f"{what} worker process died (killed by the system, most likely out of memory;"
+                " see the dmesg/OOM log), so the pool stopped"
+            )
+        return f"{what} worker failed: {type(exc).__name__}: {exc}"
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future | None:  # type: ignore[type-arg]
+        try:
+            return self.executor.submit(fn, *args)
+        except BrokenProcessPool:
+            return None
+
+    def _run(self) -> None:
         pending: dict[Future, tuple[str, Any]] = {}
         for plan in self.plans:
             for job, message in plan.unavailable.items():
@@ -145,13 +198,18 @@ class Runner:
                 self._finish(ItemResult(job, HIT_DIRECT, compiled, compiled.hlo_key))
             misses = plan.misses
             if misses or (plan.weights is None and len(plan.unavailable) < len(plan.jobs)):
-                future = self.executor.submit(
+                future = self._submit(
                     trace_model,
                     *self.urls,
                     plan.model,
                     misses,
                     plan.weights_key if plan.weights is None else None,
                 )
+                if future is None:
+                    error = self._worker_failed(BrokenProcessPool(), "trace")
+                    for job in misses:
+                        self._finish(ItemResult(job, FAILED, error=error))
+                    continue
                 pending[future] = ("trace", plan)
         while pending:
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
@@ -163,16 +221,14 @@ class Runner:
                     self._on_compiled(future, payload)
         if self.options.publish:
             self._publish()
-        self.report.seconds = time.monotonic() - start
-        self._record_run_end(started_at)
-        return self.report
 
     def _on_traced(self, future: Future, plan: ModelPlan, pending: dict) -> None:  # type: ignore[type-arg]
         try:
             outcome: TraceOutcome = future.result()
         except Exception as exc:  # noqa: BLE001 - a dead worker fails this model's jobs only
+            error = self._worker_failed(exc, "trace")
             for job in plan.misses:
-                self._finish(ItemResult(job, FAILED, error=f"trace worker failed: {exc}"))
+                self._finish(ItemResult(job, FAILED, error=error))
             return
         if outcome.weights is not None:
             plan.weights = outcome.weights
@@ -199,9 +255,12 @@ class Runner:
                         )
                     )
                     continue
-            future = self.executor.submit(compile_graph, *self.urls, traced, self.options.timeout)
-            pending[future] = ("compile", traced)
+            future = self._submit(compile_graph, *self.urls, traced, self.options.timeout)
             self._waiting[traced.hlo_key] = []
+            if future is None:
+                self._compile_failed(traced, self._worker_failed(BrokenProcessPool(), "compile"))
+                continue
+            pending[future] = ("compile", traced)
 
     def _hlo_hit(self, traced: TracedJob, hit: CompiledGraph) -> None:
         from artifacts.index import ops  # noqa: PLC0415
@@ -234,17 +293,7 @@ class Runner:
         try:
             outcome: CompileOutcome = future.result()
         except Exception as exc:  # noqa: BLE001 - e.g. the worker was killed
-            error = f"compile worker failed: {type(exc).__name__}: {exc}"
-            self._finish(
-                ItemResult(
-                    traced.job,
-                    FAILED,
-                    hlo_key=traced.hlo_key,
-                    trace_seconds=traced.trace_seconds,
-                    error=error,
-                )
-            )
-            self._release_waiting(traced, error)
+            self._compile_failed(traced, self._worker_failed(exc, "compile"))
             return
         if outcome.hit and outcome.compiled is not None:  # another worker compiled it
             self._hlo_hit(traced, outcome.compiled)
@@ -263,6 +312,18 @@ class Runner:
             )
         )
         self._release_waiting(traced, None if outcome.compiled else outcome.error or "failed")
+
+    def _compile_failed(self, traced: TracedJob, error: str) -> None:
+        self._finish(
+            ItemResult(
+                traced.job,
+                FAILED,
+                hlo_key=traced.hlo_key,
+                trace_seconds=traced.trace_seconds,
+                error=error,
+            )
+        )
+        self._release_waiting(traced, error)
 
     def _publish(self) -> None:
         by_job = {i.job: i for i in self.report.items}
@@ -294,6 +355,7 @@ class Runner:
 
     def _record_run_start(self, started_at: float) -> None:
         with write_transaction(self.store.engine) as conn:
+            _mark_dead_runs_interrupted(conn)
             conn.execute(
                 RunRow.__table__.insert(),
                 {  # type: ignore[attr-defined]
@@ -304,19 +366,43 @@ class Runner:
                     "spec_digest": str(self.spec.digest),
                     "host": socket.gethostname(),
                     "user": _user(),
-                    "summary": "{}",
+                    "summary": json.dumps({"pid": os.getpid()}),  # for _mark_dead_runs
                     "record_digest": None,
                 },
             )
 
-    def _record_run_end(self, started_at: float) -> None:
+    def _record_interrupted(self, started_at: float) -> None:
+        """Best effort: the run's record (else just its row) says `interrupted`."""
+        try:
+            self._record_run_end(started_at, INTERRUPTED)
+            return
+        except Exception:  # noqa: BLE001, S110 - e.g. the disk is full: try the row alone
+            pass
+        summary = {k: v for k, v in self.report.to_json().items() if k != "items"}
+        try:
+            with write_transaction(self.store.engine) as conn:
+                conn.execute(
+                    update(RunRow)
+                    .where(RunRow.id == self.report.run_id)
+                    .values(
+                        status=INTERRUPTED, finished_at=time.time(), summary=json.dumps(summary)
+                    )
+                )
+        except Exception as exc:  # noqa: BLE001 - the next run on this host marks it
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            sys.stderr.write(
+                f"kiln: cannot mark run {self.report.run_id} interrupted now ({reason});"
+                " the next `kiln compile` on this host will\n"
+            )
+
+    def _record_run_end(self, started_at: float, status: str | None = None) -> None:
         summary = {k: v for k, v in self.report.to_json().items() if k != "items"}
         record = {
             "mediaType": RUN_MEDIA_TYPE,
             "id": self.report.run_id,
             "started_at": started_at,
             "finished_at": time.time(),
-            "status": "ok" if self.report.ok else "failed",
+            "status": status or ("ok" if self.report.ok else "failed"),
             "spec_digest": str(self.spec.digest),
             "host": socket.gethostname(),
             "user": _user(),
@@ -331,6 +417,32 @@ class Runner:
                 )
             )
             index_run(conn, str(put.digest), record)
+
+
+def _mark_dead_runs_interrupted(conn: Connection) -> None:
+    """Runs of this host still `running` whose process is gone (SIGKILL, or the disk was
+    too full to record the end) become `interrupted`."""
+    host = socket.gethostname()
+    rows = conn.execute(
+        select(RunRow.id, RunRow.summary).where(RunRow.status == "running", RunRow.host == host)
+    ).all()
+    for run_id, summary in rows:
+        try:
+            pid = json.loads(summary or "{}").get("pid")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(pid, int) and not _pid_alive(pid):
+            conn.execute(update(RunRow).where(RunRow.id == run_id).values(status=INTERRUPTED))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists
+        return True
+    return True
 
 
 def _user() -> str:

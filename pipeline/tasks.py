@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from artifacts import leases
 from artifacts.digest import Digest, canonical_json
+from artifacts.diskspace import is_disk_full
 from artifacts.index import ops
 from artifacts.index.db import write_transaction
 from artifacts.index.models import CompilationRow
@@ -236,6 +237,8 @@ def _compile(store: Store, traced: TracedJob, timeout: float) -> CompileOutcome:
             error, reason, log = str(exc), exc.reason, exc.log
             returncode = exc.returncode
         except Exception as exc:  # noqa: BLE001 - record any compiler crash as a failure
+            if is_disk_full(exc, (workdir,)):
+                raise  # not the graph's fault: the run stops, nothing is recorded
             error, reason, log = f"{type(exc).__name__}: {exc}", "exit", ""
     seconds = time.monotonic() - start
     log_put = store.put_bytes(log.encode(), kind="log")

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
 
 from artifacts.errors import StoreConfigError, StoreIndexError
+from artifacts.index.lockwait import begin_immediate
 
 HEAD_REVISION = "0004"
 KNOWN_REVISIONS = ("0001", "0002", "0003", "0004")
@@ -41,7 +42,7 @@ def make_engine(url: str) -> Engine:
                         f"index {path}: cannot create folder: {exc.strerror}"
                     ) from None
             engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
-            _configure_sqlite(engine)
+            _configure_sqlite(engine, path)
             return engine
         return create_engine(url, pool_pre_ping=True)
     except (ImportError, SQLAlchemyError, ValueError) as exc:
@@ -50,7 +51,7 @@ def make_engine(url: str) -> Engine:
         raise StoreConfigError(f"cannot use index URL {url!r}: {exc}") from None
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, path: Path | None) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_connection.isolation_level = None
@@ -62,8 +63,12 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        mode = "IMMEDIATE" if conn.get_execution_options().get("kiln_write") else "DEFERRED"
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if not conn.get_execution_options().get("kiln_write"):
+            conn.exec_driver_sql("BEGIN DEFERRED")
+        elif path is None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            begin_immediate(conn, path, SQLITE_BUSY_TIMEOUT_S)
 
 
 def _enable_wal(cursor) -> None:  # type: ignore[no-untyped-def]
