@@ -132,7 +132,15 @@ def load_model(model: ModelSpec) -> Any:
         transformers.AutoModelForCausalLM if model.task == "causal-lm" else transformers.AutoModel
     )
     if folder is not None:
-        loaded = auto.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
+        loaded, info = auto.from_pretrained(
+            str(folder), dtype=dtype, attn_implementation="eager", output_loading_info=True
+        )
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise SpecError(
+                f"model {model.name}: the checkpoint in {folder} has no tensor {missing[0]}{more}"
+            )
     else:
         config = transformers.AutoConfig.for_model(**model.source.config)  # type: ignore[arg-type]
         config._attn_implementation = "eager"

@@ -231,6 +231,12 @@ def weights_state_dict(
     return {n: tensors[n].detach().to("cpu").contiguous() for n in names}
 
 
+def weight_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's parameters and buffers as the trace names them (tied ones once, under
+    their first name), where they are: nothing is copied."""
+    return {name: t.detach() for name, t in _named_tensors(module).values()}
+
+
 def _module_on_device(module: torch.nn.Module, device: object) -> torch.nn.Module:
     """A copy of ``module`` on the XLA device; ``module`` itself is left untouched.
 
@@ -242,11 +248,46 @@ def _module_on_device(module: torch.nn.Module, device: object) -> torch.nn.Modul
 
     memo: dict[int, object] = {}
     for _name, tensor in _named_tensors(module).values():
+        if tensor.device == device:  # moved already (move_to_device): shared, not copied
+            memo[id(tensor)] = tensor
+            continue
         moved = tensor.detach().to(device)
         if isinstance(tensor, torch.nn.Parameter):
             moved = torch.nn.Parameter(moved, requires_grad=False)
         memo[id(tensor)] = moved
     return copy.deepcopy(module, memo)
+
+
+def move_to_device(module: torch.nn.Module, device: object | None = None) -> None:
+    """Move every parameter and buffer of ``module`` to the XLA device in place, one
+    distinct tensor at a time, so host memory holds at most one extra tensor: each CPU
+    tensor is released as soon as its device copy is in every slot that held it (ties kept).
+    Traces of the module then share these device tensors instead of copying the weights."""
+    os.environ.setdefault("PJRT_DEVICE", "CPU")
+    import torch  # noqa: PLC0415
+    import torch_xla  # noqa: PLC0415
+
+    device = device if device is not None else torch_xla.device()
+    slots: dict[int, list[tuple[dict[str, object], str]]] = {}
+    order: list[int] = []
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for key, tensor in table.items():
+                if tensor is None or tensor.device == device:
+                    continue
+                if id(tensor) not in slots:
+                    slots[id(tensor)] = []
+                    order.append(id(tensor))
+                slots[id(tensor)].append((table, key))  # type: ignore[arg-type]
+    for tensor_id in order:
+        table, key = slots[tensor_id][0]
+        tensor = table[key]
+        moved = tensor.detach().to(device)  # type: ignore[attr-defined]
+        if isinstance(tensor, torch.nn.Parameter):
+            moved = torch.nn.Parameter(moved, requires_grad=False)
+        del tensor
+        for table, key in slots.pop(tensor_id):
+            table[key] = moved
 
 
 def _execution_counts() -> tuple[int, ...]:
