@@ -119,7 +119,8 @@ def store_weights(
     blobs = []
     for i, group in enumerate(groups):
         put = store.put_stream(SafetensorsStream(group, read), kind="weights")
-        name = SINGLE_NAME if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        name = SINGLE_NAME if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}"
+        name += "" if len(groups) == 1 else ".safetensors"
         blobs.append((str(put.digest), put.size, name))
     if len(blobs) == 1:
         digest, size = blobs[0][0], blobs[0][1]
