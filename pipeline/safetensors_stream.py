@@ -107,16 +107,21 @@ def split(entries: Sequence[TensorEntry], max_bytes: int) -> list[list[TensorEnt
 
 
 ReadTensor = Callable[[TensorEntry], memoryview]
+Done = Callable[[TensorEntry], None]
 
 
 class SafetensorsStream(io.RawIOBase):
     """A readable stream of one safetensors file; `read_tensor(entry)` is called once per
     tensor, in file order, when the reader reaches it, and must return exactly
-    `entry.nbytes` bytes (little-endian, C order)."""
+    `entry.nbytes` bytes (little-endian, C order); `done(entry)`, when given, once those
+    bytes have been read."""
 
-    def __init__(self, entries: Sequence[TensorEntry], read_tensor: ReadTensor) -> None:
+    def __init__(
+        self, entries: Sequence[TensorEntry], read_tensor: ReadTensor, done: Done | None = None
+    ) -> None:
         self.entries = ordered(entries)
         self._read_tensor = read_tensor
+        self._done = done
         self._current = memoryview(header_bytes(self.entries))
         self._pos = 0
         self._next = 0
@@ -143,4 +148,6 @@ class SafetensorsStream(io.RawIOBase):
         self._pos += n
         if self._pos >= len(self._current):
             self._current, self._pos = memoryview(b""), 0
+            if self._done is not None and 0 < self._next <= len(self.entries):
+                self._done(self.entries[self._next - 1])
         return n

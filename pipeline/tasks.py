@@ -93,15 +93,13 @@ def trace_model(
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.sources import load_model  # noqa: PLC0415
-    from pipeline.trace import hlo_digest_bytes, move_to_device, weight_tensors  # noqa: PLC0415
-    from pipeline.tracers import DEFAULT_TRACER, get_tracer  # noqa: PLC0415
+    from pipeline.trace import hlo_digest_bytes, weight_tensors  # noqa: PLC0415
+    from pipeline.tracers import get_tracer  # noqa: PLC0415
 
     store = _store(store_url, index_url) if write or weights_key else None
     start = time.monotonic()
     try:
         loaded = load_model(model)
-        if model.tracer == DEFAULT_TRACER:
-            move_to_device(loaded)
     except Exception as exc:  # noqa: BLE001 - any load failure fails this model's jobs
         message = f"cannot load model {model.name} from {model.source.describe()}: {exc}"
         return TraceOutcome(model.name, failed=tuple((j, message) for j in jobs))

@@ -238,56 +238,24 @@ def weight_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _module_on_device(module: torch.nn.Module, device: object) -> torch.nn.Module:
-    """A copy of ``module`` on the XLA device; ``module`` itself is left untouched.
+    """A copy of ``module`` whose parameters and buffers are XLA placeholders: device data
+    of the right shape and dtype with no buffer behind it. They lower to the same HLO
+    parameters as real device copies would (the values never enter the HLO), so tracing
+    neither copies the weights nor reads them: ``module`` itself is left untouched.
 
     Module.to() would untie tied weights (XLA tensors cannot share storage with CPU ones, so
     every module slot gets its own new Parameter). Pre-seeding deepcopy's memo with one
-    device tensor per distinct CPU tensor keeps ties by construction and never makes a
-    second CPU copy of the weights."""
+    device tensor per distinct CPU tensor keeps ties by construction."""
     import torch  # noqa: PLC0415
+    from torch_xla.core.xla_builder import create_placeholder_tensor  # noqa: PLC0415
 
     memo: dict[int, object] = {}
     for _name, tensor in _named_tensors(module).values():
-        if tensor.device == device:  # moved already (move_to_device): shared, not copied
-            memo[id(tensor)] = tensor
-            continue
-        moved = tensor.detach().to(device)
+        moved = create_placeholder_tensor(tuple(tensor.shape), tensor.dtype)
         if isinstance(tensor, torch.nn.Parameter):
             moved = torch.nn.Parameter(moved, requires_grad=False)
         memo[id(tensor)] = moved
     return copy.deepcopy(module, memo)
-
-
-def move_to_device(module: torch.nn.Module, device: object | None = None) -> None:
-    """Move every parameter and buffer of ``module`` to the XLA device in place, one
-    distinct tensor at a time, so host memory holds at most one extra tensor: each CPU
-    tensor is released as soon as its device copy is in every slot that held it (ties kept).
-    Traces of the module then share these device tensors instead of copying the weights."""
-    os.environ.setdefault("PJRT_DEVICE", "CPU")
-    import torch  # noqa: PLC0415
-    import torch_xla  # noqa: PLC0415
-
-    device = device if device is not None else torch_xla.device()
-    slots: dict[int, list[tuple[dict[str, object], str]]] = {}
-    order: list[int] = []
-    for sub in module.modules():
-        for table in (sub._parameters, sub._buffers):
-            for key, tensor in table.items():
-                if tensor is None or tensor.device == device:
-                    continue
-                if id(tensor) not in slots:
-                    slots[id(tensor)] = []
-                    order.append(id(tensor))
-                slots[id(tensor)].append((table, key))  # type: ignore[arg-type]
-    for tensor_id in order:
-        table, key = slots[tensor_id][0]
-        tensor = table[key]
-        moved = tensor.detach().to(device)  # type: ignore[attr-defined]
-        if isinstance(tensor, torch.nn.Parameter):
-            moved = torch.nn.Parameter(moved, requires_grad=False)
-        del tensor
-        for table, key in slots.pop(tensor_id):
-            table[key] = moved
 
 
 def _execution_counts() -> tuple[int, ...]:

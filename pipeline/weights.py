@@ -1,5 +1,9 @@
 """Store a model's weights as safetensors blobs, streamed tensor by tensor.
 
+Tensors may be views of memory-mapped checkpoint files (as `from_pretrained` loads them):
+the pages of each are given back once its bytes are written (pipeline.mapped_pages), so
+host memory holds about one tensor, not the model.
+
 Each tensor passes through an optional dtype cast and a per-tensor `transform(name, tensor)`
 (e.g. a layout change) on its way into the store; neither the state dict nor a file's bytes
 is ever held whole. Weights bigger than `max_blob_bytes` become several blobs
@@ -21,6 +25,7 @@ from artifacts.digest import Digest, canonical_json
 from artifacts.index import ops
 from artifacts.index.db import write_transaction
 from artifacts.store import Store
+from pipeline.mapped_pages import MappedPages
 from pipeline.safetensors_stream import SafetensorsStream, TensorEntry, split
 
 if TYPE_CHECKING:
@@ -115,10 +120,17 @@ def store_weights(
             )
         return tensor_bytes(prepared)
 
+    pages = MappedPages()
+
+    def done(entry: TensorEntry) -> None:
+        source = tensors[entry.name]
+        if source.device.type == "cpu" and source.is_contiguous():
+            pages.release(source.data_ptr(), source.numel() * source.element_size())
+
     groups = split(entries, blob_bytes or max_blob_bytes())
     blobs = []
     for i, group in enumerate(groups):
-        put = store.put_stream(SafetensorsStream(group, read), kind="weights")
+        put = store.put_stream(SafetensorsStream(group, read, done), kind="weights")
         name = SINGLE_NAME if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}"
         name += "" if len(groups) == 1 else ".safetensors"
         blobs.append((str(put.digest), put.size, name))
