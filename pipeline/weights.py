@@ -98,17 +98,16 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(host.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def store_weights(
-    store: Store,
-    key: str,
+def weights_stream(
     tensors: Mapping[str, torch.Tensor],
+    entries: list[TensorEntry],
     dtype: torch.dtype | None = None,
     transform: Transform | None = None,
-    blob_bytes: int | None = None,
-) -> WeightBlobs:
-    """Stream `tensors` (on any device) into the store as one or more safetensors blobs and
-    record them under weights key `key`."""
-    entries = plan_entries(tensors, dtype, transform)
+) -> SafetensorsStream:
+    """A safetensors stream of `entries` (from plan_entries), each tensor cast, transformed
+    and copied to the host only when the reader reaches it. Pages of file-mapped tensors are
+    given back once their bytes are read."""
+    pages = MappedPages()
 
     def read(entry: TensorEntry) -> memoryview:
         prepared = _prepare(entry.name, tensors[entry.name], dtype, transform)
@@ -120,17 +119,30 @@ def store_weights(
             )
         return tensor_bytes(prepared)
 
-    pages = MappedPages()
-
     def done(entry: TensorEntry) -> None:
         source = tensors[entry.name]
         if source.device.type == "cpu" and source.is_contiguous():
             pages.release(source.data_ptr(), source.numel() * source.element_size())
 
+    return SafetensorsStream(entries, read, done)
+
+
+def store_weights(
+    store: Store,
+    key: str,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    transform: Transform | None = None,
+    blob_bytes: int | None = None,
+) -> WeightBlobs:
+    """Stream `tensors` (on any device) into the store as one or more safetensors blobs and
+    record them under weights key `key`."""
+    entries = plan_entries(tensors, dtype, transform)
     groups = split(entries, blob_bytes or max_blob_bytes())
     blobs = []
     for i, group in enumerate(groups):
-        put = store.put_stream(SafetensorsStream(group, read, done), kind="weights")
+        stream = weights_stream(tensors, group, dtype, transform)
+        put = store.put_stream(stream, kind="weights")
         name = SINGLE_NAME if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}"
         name += "" if len(groups) == 1 else ".safetensors"
         blobs.append((str(put.digest), put.size, name))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +12,8 @@ from artifacts.digest import Digest
 from artifacts.manifest import Graph, Release
 from runtime_loader.cache import LocalCache
 from runtime_loader.errors import BadInput, InputTooLarge, LoaderError
-from runtime_loader.safetensors_np import load_safetensors
 from runtime_loader.sampling import SamplingConfig, next_tokens
+from runtime_loader.weights import MappedWeights
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Bucket:
 class _Runner:
     """Executes graphs of one executable format; weights uploaded once, shared by buckets."""
 
-    def __init__(self, fmt: str, weights: dict[str, np.ndarray]) -> None:
+    def __init__(self, fmt: str, weights: Mapping[str, np.ndarray]) -> None:
         self.format = fmt
         self.weights = weights
         self._uploaded: dict[str, Any] = {}
@@ -72,6 +72,9 @@ class _Runner:
         handle = self._uploaded.get(name)
         if handle is None:
             handle = self._uploaded[name] = self._buffers.upload(self.weights[name])
+            release = getattr(self.weights, "release", None)
+            if release is not None:  # the device holds its own copy now
+                release(name)
         return handle
 
     def run(
@@ -108,9 +111,15 @@ class CompiledModel:
         formats = {g.format for g in release.graphs}
         if len(formats) != 1:
             raise LoaderError(f"release {digest}: mixed executable formats {sorted(formats)}")
-        weights = load_safetensors(
-            self._blob(release.source.weights[0].digest),
-            f"weights {release.source.weights[0].digest}",
+        from runtime_loader.api import map_cached  # noqa: PLC0415
+
+        if not release.source.weights:
+            raise LoaderError(f"release {digest}: no weights")
+        weights = MappedWeights(
+            [
+                (f"weights {w.digest}", map_cached(cache, w.digest, refetch))
+                for w in release.source.weights
+            ]
         )
         self._runner = _Runner(formats.pop(), weights)
 
