@@ -162,10 +162,18 @@ def store_weights(
 
 def recorded_weights(store: Store, digest: str, size: int) -> WeightBlobs | None:
     """The blobs a weights row points at, or None when any of them is gone."""
+    from sqlalchemy import select  # noqa: PLC0415
+
+    from artifacts.index.models import BlobRow  # noqa: PLC0415
+
     parsed = Digest.parse(digest)
     if store.backend.stat(parsed) is None:
         return None
-    with store.open_blob(parsed) as reader:
+    with store.engine.connect() as conn:
+        kind = conn.execute(select(BlobRow.kind).where(BlobRow.digest == digest)).scalar()
+    if kind == "weights":
+        return ((digest, size, SINGLE_NAME),)
+    with store.open_blob(parsed) as reader:  # kind unknown (e.g. an older index): look
         head = reader.read(len(_SET_PREFIX))
         if head != _SET_PREFIX:
             return ((digest, size, SINGLE_NAME),)

@@ -122,13 +122,21 @@ def test_big_weights_become_several_blobs(tmp_path: Path) -> None:
         np.testing.assert_array_equal(merged[name], t.numpy())
     from sqlalchemy import select
 
-    from artifacts.index.models import WeightsRow
+    from artifacts.index.models import BlobRow, WeightsRow
 
     with store.engine.connect() as conn:
         digest, size = conn.execute(select(WeightsRow.digest, WeightsRow.size)).one()
     record = json.loads(store.read_bytes(Digest.parse(digest)))
     assert record["mediaType"] == WEIGHTS_SET_MEDIA_TYPE
     assert recorded_weights(store, digest, size) == blobs
+    from artifacts.index.db import write_transaction
+
+    with write_transaction(store.engine) as conn:  # an index that lost blob kinds
+        conn.execute(BlobRow.__table__.update().values(kind=None))
+    assert recorded_weights(store, digest, size) == blobs
+    assert recorded_weights(store, blobs[0][0], blobs[0][1]) == (
+        (blobs[0][0], blobs[0][1], "model.safetensors"),
+    )
     store.backend.delete(Digest.parse(blobs[1][0]))  # a member gone: the set is unusable
     assert recorded_weights(store, digest, size) is None
 
