@@ -48,6 +48,8 @@ _PRIMITIVE_TYPES = {
 }
 _TUPLE = 13
 
+# What torch-xla raises when forward runs a graph or reads data while execution is off.
+_EXECUTION_ERRORS = ("Unexpected execution", "Trying to access XLA data")
 # Metrics that only move when a graph ran or device data went to the host mid-trace.
 _EXECUTION_METRICS = ("ExecuteTime", "TransferFromDeviceTime")
 
@@ -279,6 +281,7 @@ def _tracing_patches() -> Iterator[None]:
         _XLAC._get_xla_handle_special_scalars(),
         _XLAC._get_xla_all_numbers_special_scalars(),
     )
+    saved_allow = _XLAC._get_allow_execution()
     patched = []
     for module_name in ("transformers.masking_utils", "transformers.modeling_utils"):
         mod = sys.modules.get(module_name)
@@ -287,9 +290,13 @@ def _tracing_patches() -> Iterator[None]:
             mod.is_tracing = lambda *args, **kwargs: True
     _XLAC._set_xla_handle_special_scalars(True)
     _XLAC._set_xla_all_numbers_special_scalars(True)
+    # Weights are placeholders without data: running a graph or reading a value would crash,
+    # so execution raises instead (RuntimeError), and trace_graph reports it.
+    _XLAC._set_allow_execution(False)
     try:
         yield
     finally:
+        _XLAC._set_allow_execution(saved_allow)
         _XLAC._set_xla_handle_special_scalars(saved_flags[0])
         _XLAC._set_xla_all_numbers_special_scalars(saved_flags[1])
         for mod, original in patched:
@@ -349,17 +356,23 @@ def trace_graph(
         # Captured before forward: in-place ops on an input give it a new id.
         names_by_id[_XLAC._xla_get_tensor_id(inputs[name])] = ("input", name)
 
+    executed = TraceError(
+        f"{type(module).__name__}.forward executed a graph or copied device data to the "
+        "host while tracing (e.g. .item(), .tolist(), .cpu(), printing a tensor, or "
+        "Python control flow on tensor values): the HLO would be cut or specialised on "
+        "the example inputs. Make the forward pass data-independent."
+    )
     with _tracing_patches(), torch.no_grad():
         before = _execution_counts()
-        outputs = traced(**inputs)
+        try:
+            outputs = traced(**inputs)
+        except RuntimeError as exc:
+            if any(s in str(exc) for s in _EXECUTION_ERRORS):
+                raise executed from None
+            raise
         after = _execution_counts()
     if after != before:
-        raise TraceError(
-            f"{type(module).__name__}.forward executed a graph or copied device data to the "
-            "host while tracing (e.g. .item(), .tolist(), .cpu(), printing a tensor, or "
-            "Python control flow on tensor values): the HLO would be cut or specialised on "
-            "the example inputs. Make the forward pass data-independent."
-        )
+        raise executed
     if not isinstance(outputs, (tuple, list)) or len(outputs) != len(output_names):
         got = len(outputs) if isinstance(outputs, (tuple, list)) else type(outputs).__name__
         raise TraceError(

@@ -179,3 +179,42 @@ def test_tracing_reads_no_weight_values() -> None:
         graph = trace_graph(module, inputs, outputs)
         digests.append((hlo_digest_bytes(graph.hlo_proto), graph.signature.to_json()))
     assert digests[0] == digests[1]
+
+
+class _BranchOnWeights(torch.nn.Module):
+    """Control flow on a value computed from the weights, which tracing never has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        y = self.lin(x)
+        return (y,) if y.sum().item() > 0 else (-y,)
+
+
+class _ReadsAWeight(_BranchOnWeights):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x * float(self.lin.weight.cpu()[0, 0]),)
+
+
+@pytest.mark.parametrize("module_type", [_BranchOnWeights, _ReadsAWeight])
+def test_reading_weights_mid_trace_is_a_trace_error(module_type: type[torch.nn.Module]) -> None:
+    """With weights as data-less placeholders, a forward that needs their values fails with
+    the usual TraceError (not a crash), and the process traces on afterwards."""
+    from pipeline.errors import TraceError
+    from pipeline.trace import trace_graph
+
+    with pytest.raises(TraceError, match="executed a graph or copied device data"):
+        trace_graph(module_type(), {"x": torch.ones(2, 4)}, ["y"])
+    lin = torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = lin
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.body(x),)
+
+    assert trace_graph(Plain(), {"x": torch.ones(2, 4)}, ["y"]).signature.weight_names
