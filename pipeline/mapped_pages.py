@@ -19,7 +19,8 @@ _MADV_DONTNEED = 4
 
 
 class MappedPages:
-    """The process's private, file-backed mappings, read once from /proc/self/maps."""
+    """The process's private, file-backed mappings, read once from /proc/self/maps (any file:
+    a checkpoint in the Hugging Face cache is a blob without the .safetensors suffix)."""
 
     def __init__(self) -> None:
         self._ranges: list[tuple[int, int]] = []
@@ -35,8 +36,7 @@ class MappedPages:
             parts = line.split(maxsplit=5)
             if len(parts) < 6 or parts[1][3] != "p" or not parts[5].startswith("/"):
                 continue
-            path = parts[5].strip()
-            if path.endswith(" (deleted)") or not path.endswith(".safetensors"):
+            if parts[5].strip().endswith(" (deleted)"):
                 continue
             start, end = (int(x, 16) for x in parts[0].split("-"))
             self._ranges.append((start, end))
@@ -49,7 +49,7 @@ class MappedPages:
 
     def release(self, address: int, nbytes: int) -> bool:
         """Drop the whole pages inside [address, address + nbytes) if they lie in one
-        private safetensors mapping; True when pages were dropped."""
+        private file mapping; True when pages were dropped."""
         if self._libc is None or nbytes <= 0 or not self._mapped(address, address + nbytes):
             return False
         page = mmap.PAGESIZE

@@ -218,3 +218,34 @@ def test_reading_weights_mid_trace_is_a_trace_error(module_type: type[torch.nn.M
             return (self.body(x),)
 
     assert trace_graph(Plain(), {"x": torch.ones(2, 4)}, ["y"]).signature.weight_names
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_file_mapped_pages_are_given_back_and_anonymous_memory_is_not(tmp_path: Path) -> None:
+    import ctypes
+    import mmap
+
+    from pipeline.mapped_pages import MappedPages
+
+    path = tmp_path / "blob"  # no .safetensors suffix, as in the Hugging Face cache
+    path.write_bytes(os.urandom(1 << 20) * 48)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    view = np.frombuffer(mapped, dtype=np.uint8)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+    total = int(view[:: mmap.PAGESIZE].astype(np.int64).sum())  # touch every page
+    before = _rss_file_kb()
+    assert MappedPages().release(address, len(mapped))
+    assert before - _rss_file_kb() > 40 * 1024
+    assert int(view[:: mmap.PAGESIZE].astype(np.int64).sum()) == total  # re-read from file
+
+    anon = np.ones(1 << 22, dtype=np.uint8)
+    assert not MappedPages().release(anon.ctypes.data, anon.nbytes)
+    assert int(anon.sum()) == 1 << 22
