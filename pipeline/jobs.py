@@ -21,6 +21,7 @@ from pipeline.memory import host_memory_bytes
 from pipeline.neuron_flags import NeuronFlagError, validate_flags
 from pipeline.sources import raw_config, weights_identity
 from pipeline.spec import Bucket, ModelSpec, Spec
+from pipeline.weights import WeightBlobs, recorded_weights
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class ModelPlan:
     model: ModelSpec
     architecture: str
     weights_key: str
-    weights: tuple[str, int] | None
+    weights: WeightBlobs | None
     jobs: list[GraphJob] = field(default_factory=list)
     direct_hits: dict[GraphJob, CompiledGraph] = field(default_factory=dict)
     unavailable: dict[GraphJob, str] = field(default_factory=dict)
@@ -175,8 +176,8 @@ def lookup_cache(store: Store, plan: ModelPlan) -> None:
                 WeightsRow.weights_key == plan.weights_key
             )
         ).first()
-        if row is not None and store.backend.stat(_digest(row[0])) is not None:
-            plan.weights = (row[0], row[1])
+        if row is not None:
+            plan.weights = recorded_weights(store, row[0], row[1])
         keys = [j.direct_key for j in plan.jobs]
         recipes = {
             r.direct_key: r

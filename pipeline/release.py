@@ -15,6 +15,7 @@ from artifacts.store import Store
 from kiln import __version__
 from pipeline.jobs import CompiledGraph, GraphJob, ModelPlan
 from pipeline.sources import raw_config, tokenizer_files
+from pipeline.weights import WeightBlobs
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def build_release(
     plan: ModelPlan,
     target: str,
     graphs: dict[GraphJob, CompiledGraph],
-    weights: tuple[str, int],
+    weights: WeightBlobs,
     spec_digest: str,
 ) -> Release:
     files = []
@@ -76,7 +77,7 @@ def build_release(
             plan.model.task,
             plan.architecture,
             raw_config(plan.model),
-            (_ref(weights[0], weights[1], "model.safetensors"),),
+            tuple(_ref(digest, size, name) for digest, size, name in weights),
             tuple(files),
         ),
         graphs=tuple(entries),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -60,17 +59,35 @@ def raw_config(model: ModelSpec) -> dict[str, Any]:
         ) from None
 
 
-@lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime: float) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path, model: str) -> list[Path]:
+    """The checkpoint's weight files: the shards its safetensors index names (each must
+    exist), else every *.safetensors (or *.bin) file in the folder."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SpecError(f"model {model}: bad checkpoint index {index}: {exc}") from None
+        for name in names:
+            if not (folder / name).is_file():
+                raise SpecError(
+                    f"model {model}: {index} names shard {name}, which is not in {folder}"
+                )
+        return [folder / name for name in names]
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise SpecError(f"model {model}: no *.safetensors weights in {folder}")
+    return files
 
 
 def weights_identity(model: ModelSpec) -> dict[str, Any]:
     """What decides the weights: the weight files' digests, or the config and seed."""
+    from pipeline.file_digests import file_digest  # noqa: PLC0415
+
     folder = source_folder(model.source, model.name)
     if folder is None:
         return {
@@ -78,12 +95,7 @@ def weights_identity(model: ModelSpec) -> dict[str, Any]:
             "seed": model.source.seed,
             "torch": tracer_versions().get("torch", ""),
         }
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not files:
-        raise SpecError(f"model {model.name}: no *.safetensors weights in {folder}")
-    return {
-        "files": {f.name: _file_digest(str(f), f.stat().st_size, f.stat().st_mtime) for f in files}
-    }
+    return {"files": {f.name: file_digest(f) for f in weight_files(folder, model.name)}}
 
 
 def tokenizer_files(model: ModelSpec) -> list[Path]:
@@ -120,7 +132,15 @@ def load_model(model: ModelSpec) -> Any:
         transformers.AutoModelForCausalLM if model.task == "causal-lm" else transformers.AutoModel
     )
     if folder is not None:
-        loaded = auto.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
+        loaded, info = auto.from_pretrained(
+            str(folder), dtype=dtype, attn_implementation="eager", output_loading_info=True
+        )
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise SpecError(
+                f"model {model.name}: the checkpoint in {folder} has no tensor {missing[0]}{more}"
+            )
     else:
         config = transformers.AutoConfig.for_model(**model.source.config)  # type: ignore[arg-type]
         config._attn_implementation = "eager"

@@ -6,7 +6,6 @@ blobs and index rows before returning, so the parent only assembles releases.
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import tempfile
@@ -30,6 +29,7 @@ from artifacts.store import Store
 from pipeline.jobs import CompiledGraph, GraphJob, find_compilation
 from pipeline.keys import hlo_key
 from pipeline.spec import ModelSpec
+from pipeline.weights import WeightBlobs
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class TraceOutcome:
     model: str
     traced: tuple[TracedJob, ...] = ()
     failed: tuple[tuple[GraphJob, str], ...] = ()
-    weights: tuple[str, int] | None = None
+    weights: WeightBlobs | None = None
     load_seconds: float = 0.0
 
 
@@ -94,7 +94,7 @@ def trace_model(
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.sources import load_model  # noqa: PLC0415
-    from pipeline.trace import hlo_digest_bytes, weights_state_dict  # noqa: PLC0415
+    from pipeline.trace import hlo_digest_bytes, weight_tensors  # noqa: PLC0415
     from pipeline.tracers import get_tracer  # noqa: PLC0415
 
     store = _store(store_url, index_url) if write or weights_key else None
@@ -109,7 +109,7 @@ def trace_model(
     traced: list[TracedJob] = []
     failed: list[tuple[GraphJob, str]] = []
     weight_names: set[str] = set()
-    cpu_tensors: dict[str, Any] = {}
+    tensors: dict[str, Any] = {}
     kinds = {(j.graph_kind, j.bucket) for j in jobs}
     if weights_key and not kinds:
         kinds = {(model.graph_kinds[0], model.buckets[0])}
@@ -119,8 +119,8 @@ def trace_model(
             module, inputs, outputs = _graph_builder(model.task, kind)(
                 loaded, bucket.batch, bucket.seq
             )
-            if not cpu_tensors:
-                cpu_tensors = weights_state_dict(module)
+            if not tensors:
+                tensors = weight_tensors(module)
             graph = get_tracer(model.tracer)(module, inputs, outputs)
         except Exception as exc:  # noqa: BLE001 - a failed trace fails only its graphs
             for job in jobs:
@@ -149,20 +149,17 @@ def trace_model(
         traced.append(TracedJob(job, digest, size, key, signature, seconds))
     weights = None
     if weights_key and store is not None and weight_names:
-        weights = _store_weights(
-            store, weights_key, {n: cpu_tensors[n] for n in sorted(weight_names)}
-        )
+        from pipeline.weights import store_weights  # noqa: PLC0415
+
+        try:
+            weights = store_weights(
+                store, weights_key, {n: tensors[n] for n in sorted(weight_names)}
+            )
+        except Exception as exc:  # noqa: BLE001 - no weights: the model is not released
+            message = f"cannot store the weights of {model.name}: {type(exc).__name__}: {exc}"
+            failed.extend((t.job, message) for t in traced)
+            traced = []
     return TraceOutcome(model.name, tuple(traced), tuple(failed), weights, load_seconds)
-
-
-def _store_weights(store: Store, key: str, tensors: dict[str, Any]) -> tuple[str, int]:
-    from safetensors.torch import save  # noqa: PLC0415
-
-    data = save({n: t.contiguous().clone() for n, t in tensors.items()})
-    put = store.put_stream(io.BytesIO(data), kind="weights")
-    with write_transaction(store.engine) as conn:
-        ops.record_weights(conn, key, str(put.digest), put.size)
-    return str(put.digest), put.size
 
 
 def compile_graph(

@@ -48,6 +48,8 @@ _PRIMITIVE_TYPES = {
 }
 _TUPLE = 13
 
+# What torch-xla raises when forward runs a graph or reads data while execution is off.
+_EXECUTION_ERRORS = ("Unexpected execution", "Trying to access XLA data")
 # Metrics that only move when a graph ran or device data went to the host mid-trace.
 _EXECUTION_METRICS = ("ExecuteTime", "TransferFromDeviceTime")
 
@@ -231,18 +233,27 @@ def weights_state_dict(
     return {n: tensors[n].detach().to("cpu").contiguous() for n in names}
 
 
+def weight_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's parameters and buffers as the trace names them (tied ones once, under
+    their first name), where they are: nothing is copied."""
+    return {name: t.detach() for name, t in _named_tensors(module).values()}
+
+
 def _module_on_device(module: torch.nn.Module, device: object) -> torch.nn.Module:
-    """A copy of ``module`` on the XLA device; ``module`` itself is left untouched.
+    """A copy of ``module`` whose parameters and buffers are XLA placeholders: device data
+    of the right shape and dtype with no buffer behind it. They lower to the same HLO
+    parameters as real device copies would (the values never enter the HLO), so tracing
+    neither copies the weights nor reads them: ``module`` itself is left untouched.
 
     Module.to() would untie tied weights (XLA tensors cannot share storage with CPU ones, so
     every module slot gets its own new Parameter). Pre-seeding deepcopy's memo with one
-    device tensor per distinct CPU tensor keeps ties by construction and never makes a
-    second CPU copy of the weights."""
+    device tensor per distinct CPU tensor keeps ties by construction."""
     import torch  # noqa: PLC0415
+    from torch_xla.core.xla_builder import create_placeholder_tensor  # noqa: PLC0415
 
     memo: dict[int, object] = {}
     for _name, tensor in _named_tensors(module).values():
-        moved = tensor.detach().to(device)
+        moved = create_placeholder_tensor(tuple(tensor.shape), tensor.dtype)
         if isinstance(tensor, torch.nn.Parameter):
             moved = torch.nn.Parameter(moved, requires_grad=False)
         memo[id(tensor)] = moved
@@ -270,6 +281,7 @@ def _tracing_patches() -> Iterator[None]:
         _XLAC._get_xla_handle_special_scalars(),
         _XLAC._get_xla_all_numbers_special_scalars(),
     )
+    saved_allow = _XLAC._get_allow_execution()
     patched = []
     for module_name in ("transformers.masking_utils", "transformers.modeling_utils"):
         mod = sys.modules.get(module_name)
@@ -278,9 +290,13 @@ def _tracing_patches() -> Iterator[None]:
             mod.is_tracing = lambda *args, **kwargs: True
     _XLAC._set_xla_handle_special_scalars(True)
     _XLAC._set_xla_all_numbers_special_scalars(True)
+    # Weights are placeholders without data: running a graph or reading a value would crash,
+    # so execution raises instead (RuntimeError), and trace_graph reports it.
+    _XLAC._set_allow_execution(False)
     try:
         yield
     finally:
+        _XLAC._set_allow_execution(saved_allow)
         _XLAC._set_xla_handle_special_scalars(saved_flags[0])
         _XLAC._set_xla_all_numbers_special_scalars(saved_flags[1])
         for mod, original in patched:
@@ -340,17 +356,23 @@ def trace_graph(
         # Captured before forward: in-place ops on an input give it a new id.
         names_by_id[_XLAC._xla_get_tensor_id(inputs[name])] = ("input", name)
 
+    executed = TraceError(
+        f"{type(module).__name__}.forward executed a graph or copied device data to the "
+        "host while tracing (e.g. .item(), .tolist(), .cpu(), printing a tensor, or "
+        "Python control flow on tensor values): the HLO would be cut or specialised on "
+        "the example inputs. Make the forward pass data-independent."
+    )
     with _tracing_patches(), torch.no_grad():
         before = _execution_counts()
-        outputs = traced(**inputs)
+        try:
+            outputs = traced(**inputs)
+        except RuntimeError as exc:
+            if any(s in str(exc) for s in _EXECUTION_ERRORS):
+                raise executed from None
+            raise
         after = _execution_counts()
     if after != before:
-        raise TraceError(
-            f"{type(module).__name__}.forward executed a graph or copied device data to the "
-            "host while tracing (e.g. .item(), .tolist(), .cpu(), printing a tensor, or "
-            "Python control flow on tensor values): the HLO would be cut or specialised on "
-            "the example inputs. Make the forward pass data-independent."
-        )
+        raise executed
     if not isinstance(outputs, (tuple, list)) or len(outputs) != len(output_names):
         got = len(outputs) if isinstance(outputs, (tuple, list)) else type(outputs).__name__
         raise TraceError(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from artifacts.digest import Digest
 from artifacts.errors import BlobCorrupted, BlobNotFound, SizeMismatch
@@ -18,6 +19,7 @@ from runtime_loader.pull import PullReport, needed_blobs, pull_release
 
 OFFLINE_ENV = "KILN_OFFLINE"
 Refetch = Callable[[Digest], None]
+T = TypeVar("T")
 
 
 def offline_default() -> bool:
@@ -26,8 +28,19 @@ def offline_default() -> bool:
 
 def read_cached(cache: LocalCache, digest: Digest, refetch: Refetch | None) -> bytes:
     """Verified bytes from the cache; a corrupt or missing blob is fetched again when online."""
+    return _cached(cache.read, cache, digest, refetch)
+
+
+def map_cached(cache: LocalCache, digest: Digest, refetch: Refetch | None) -> mmap.mmap:
+    """A verified cached blob, memory-mapped (see LocalCache.map); refetched as read_cached."""
+    return _cached(cache.map, cache, digest, refetch)
+
+
+def _cached(
+    get: Callable[[Digest], T], cache: LocalCache, digest: Digest, refetch: Refetch | None
+) -> T:
     try:
-        return cache.read(digest)
+        return get(digest)
     except (BlobCorrupted, SizeMismatch, BlobNotFound) as exc:
         if refetch is None:
             if isinstance(exc, BlobNotFound):
@@ -38,7 +51,7 @@ def read_cached(cache: LocalCache, digest: Digest, refetch: Refetch | None) -> b
             ) from None
         cache.discard(digest)
         refetch(digest)
-        return cache.read(digest)
+        return get(digest)
 
 
 def _open_store(store: Any, index: str | None) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +14,8 @@ from runtime_loader import inputs
 from runtime_loader.cache import LocalCache
 from runtime_loader.errors import BadExecutable, InputTooLarge, LoaderError
 from runtime_loader.release_check import check_release, check_weights
-from runtime_loader.safetensors_np import load_safetensors
 from runtime_loader.sampling import SamplingConfig, next_tokens
+from runtime_loader.weights import MappedWeights
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Bucket:
 class _Runner:
     """Executes graphs of one executable format; weights uploaded once, shared by buckets."""
 
-    def __init__(self, fmt: str, weights: dict[str, np.ndarray]) -> None:
+    def __init__(self, fmt: str, weights: Mapping[str, np.ndarray]) -> None:
         self.format = fmt
         self.weights = weights
         self._uploaded: dict[str, Any] = {}
@@ -74,6 +74,9 @@ class _Runner:
         handle = self._uploaded.get(name)
         if handle is None:
             handle = self._uploaded[name] = self._buffers.upload(self.weights[name])
+            release = getattr(self.weights, "release", None)
+            if release is not None:  # the device holds its own copy now
+                release(name)
         return handle
 
     def run(
@@ -111,9 +114,13 @@ class CompiledModel:
         formats = {g.format for g in release.graphs}
         if len(formats) != 1:
             raise LoaderError(f"release {digest}: mixed executable formats {sorted(formats)}")
-        weights = load_safetensors(
-            self._blob(release.source.weights[0].digest),
-            f"weights {release.source.weights[0].digest}",
+        from runtime_loader.api import map_cached  # noqa: PLC0415
+
+        weights = MappedWeights(
+            [
+                (f"weights {w.digest}", map_cached(cache, w.digest, refetch))
+                for w in release.source.weights
+            ]
         )
         check_weights(release, digest, weights)
         self._runner = _Runner(formats.pop(), weights)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -34,24 +35,45 @@ def _dtype(name: str, where: str) -> np.dtype:
     return np.dtype(_DTYPES[name])
 
 
-def load_safetensors(data: bytes, where: str = "weights") -> dict[str, np.ndarray]:
-    """Arrays named as in the file, sharing one writable copy of the bytes."""
+def read_header(data: Any, where: str = "weights") -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, header) of a safetensors file's bytes."""
     if len(data) < 8:
         raise LoaderError(f"{where}: not a safetensors file (too short)")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > len(data) - 8:
         raise LoaderError(f"{where}: safetensors header length {header_len} exceeds the file")
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header = json.loads(bytes(data[8 : 8 + header_len]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LoaderError(f"{where}: bad safetensors header: {exc}") from None
-    base = 8 + header_len
-    buffer = memoryview(bytearray(data))  # writable: DLPack cannot export read-only arrays
+    if not isinstance(header, dict):
+        raise LoaderError(f"{where}: bad safetensors header: not an object")
+    return 8 + header_len, header
+
+
+def tensor_spans(data: Any, where: str = "weights") -> dict[str, tuple[int, int]]:
+    """Each tensor's [start, end) byte range in the file."""
+    base, header = read_header(data, where)
+    return {
+        name: (base + info["data_offsets"][0], base + info["data_offsets"][1])
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+
+
+def load_safetensors(data: Any, where: str = "weights") -> dict[str, np.ndarray]:
+    """Arrays named as in the file. A writable buffer (e.g. a copy-on-write mmap) is viewed
+    in place; anything else is copied once (DLPack cannot export read-only arrays)."""
+    base, header = read_header(data, where)
+    view = memoryview(data)
+    buffer = view if not view.readonly else memoryview(bytearray(view))
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
+        if not 0 <= start <= end <= len(buffer) - base:
+            raise LoaderError(f"{where}: tensor {name} lies outside the file ({start}-{end})")
         dtype = _dtype(info["dtype"], f"{where}: {name}")
         array = np.frombuffer(buffer[base + start : base + end], dtype=dtype)
         out[name] = array.reshape(info["shape"])

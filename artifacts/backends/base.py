@@ -68,6 +68,11 @@ class VerifyingReader(io.RawIOBase):
         self._hasher = Hasher()
         self._checked = False
 
+    @property
+    def verifies(self) -> Digest:
+        """The digest this reader checks its bytes against (raising at EOF otherwise)."""
+        return self._digest
+
     def readable(self) -> bool:
         return True
 
