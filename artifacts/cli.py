@@ -523,6 +523,7 @@ def export_command(
         raise ArchiveError("refusing to write a tar archive to a terminal; redirect stdout")
     with open_store(store_url, index_url, create=False) as store:
         report = export_release(store, ref, sys.stdout.buffer if to_stdout else output)
+    to_stdout = to_stdout or _is_stdout(output)  # -o /dev/stdout: keep the summary out of it
     if as_json:
         emit_json(
             {
@@ -540,6 +541,16 @@ def export_command(
         f" {human_size(report.bytes)} -> {report.path}",
         err=to_stdout,
     )
+
+
+def _is_stdout(path: Path) -> bool:
+    import os  # noqa: PLC0415
+
+    try:
+        here, out = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return (here.st_dev, here.st_ino) == (out.st_dev, out.st_ino)
 
 
 @click.command("import")

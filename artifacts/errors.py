@@ -72,3 +72,7 @@ class StoreIndexError(ArtifactError):
 
 class ArchiveError(ArtifactError):
     """An export archive that is malformed or unsafe to import."""
+
+
+class NoSpace(ArtifactError):
+    """A write ran out of disk space (or quota); the message names the folder that is full."""

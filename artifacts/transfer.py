@@ -246,9 +246,10 @@ class _Output:
     """The archive's destination: counts the bytes written, and names `path` in any OSError
     (a full disk, a closed pipe) as one ArchiveError instead of a traceback."""
 
-    def __init__(self, stream: IO[bytes], path: Path) -> None:
+    def __init__(self, stream: IO[bytes], path: Path, in_place: bool = True) -> None:
         self._stream = stream
         self.path = path
+        self.in_place = in_place
         self.written = 0
 
     def write(self, data: bytes) -> int:
@@ -258,7 +259,7 @@ class _Output:
                 n = self._stream.write(view)  # unbuffered: a short write is possible
                 view = view[n or 0 :]
         except OSError as exc:
-            raise _write_error(self.path, exc) from None
+            raise _write_error(self.path, exc, self.in_place) from None
         self.written += len(data)
         return len(data)
 
@@ -269,23 +270,21 @@ class _Output:
         try:
             self._stream.flush()
         except OSError as exc:
-            raise _write_error(self.path, exc) from None
+            raise _write_error(self.path, exc, self.in_place) from None
 
     def fsync(self) -> None:
         self.flush()
         try:
             os.fsync(self._stream.fileno())
         except OSError as exc:
-            raise _write_error(self.path, exc) from None
+            raise _write_error(self.path, exc, self.in_place) from None
 
 
-def _write_error(path: Path, exc: OSError) -> ArchiveError:
+def _write_error(path: Path, exc: OSError, in_place: bool) -> ArchiveError:
+    outcome = "what was written is incomplete" if in_place else "nothing was written"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ArchiveError(
-            f"cannot write archive {path}: no space left on the device holding it"
-            f" ({exc.strerror}); nothing was exported"
-        )
-    return ArchiveError(f"cannot write archive {path}: {exc.strerror or exc}")
+        return ArchiveError(f"cannot write archive {path}: no space left on device; {outcome}")
+    return ArchiveError(f"cannot write archive {path}: {exc.strerror or exc}; {outcome}")
 
 
 @contextmanager
@@ -352,7 +351,7 @@ def _atomic_file(path: Path, shown: Path | None = None) -> Iterator[_Output]:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb", buffering=0) as stream:
-            out = _Output(stream, shown)
+            out = _Output(stream, shown, in_place=False)
             yield out
             out.fsync()
         os.chmod(tmp, 0o644)

@@ -40,6 +40,7 @@ from artifacts.index.db import write_transaction
 from artifacts.index.models import CompilationRow
 from artifacts.neff import NeffError, NeffHeader
 from artifacts.records import COMPILATION_MEDIA_TYPE
+from artifacts.redact import redact_url
 from artifacts.reindex import index_compilation
 from artifacts.store import Store
 from pipeline.errors import PipelineError
@@ -120,7 +121,8 @@ class S3CacheSource:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.url = redact_url(url)
 
     def _key(self, rel: str) -> str:
         return "/".join(p for p in (self.prefix, rel.strip("/")) if p)
@@ -164,7 +166,9 @@ def _s3_client(url: str) -> Any:
     try:
         import boto3  # noqa: PLC0415
     except ImportError as exc:
-        raise NeuronCacheError(f"reading {url} needs boto3: pip install 'kiln[s3]'") from exc
+        raise NeuronCacheError(
+            f"reading {redact_url(url)} needs boto3: pip install 'kiln[s3]'"
+        ) from exc
     return boto3.client("s3")
 
 
