@@ -43,8 +43,8 @@ def open_store(store_url: str | None, index_url: str | None, create: bool = True
     return Store.open(store_url, index_url, create=create)
 
 
-def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True))
+def emit_json(value: Any, err: bool = False) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True), err=err)
 
 
 def short(digest: str) -> str:
@@ -545,9 +545,9 @@ def reindex_command(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path, allow_dash=True),
     required=True,
-    help="The tar file to write.",
+    help="The tar file to write (a FIFO or device is written in place; - for stdout).",
 )
 @store_options
 @json_option
@@ -555,10 +555,15 @@ def export_command(
     ref: str, output: Path, store_url: str | None, index_url: str | None, as_json: bool
 ) -> None:
     """Write a release and every blob it references into one tar file."""
+    from artifacts.errors import ArchiveError  # noqa: PLC0415
     from artifacts.transfer import export_release  # noqa: PLC0415
 
+    to_stdout = str(output) == "-"
+    if to_stdout and sys.stdout.isatty():
+        raise ArchiveError("refusing to write a tar archive to a terminal; redirect stdout")
     with open_store(store_url, index_url, create=False) as store:
-        report = export_release(store, ref, output)
+        report = export_release(store, ref, sys.stdout.buffer if to_stdout else output)
+    to_stdout = to_stdout or _is_stdout(output)  # -o /dev/stdout: keep the summary out of it
     if as_json:
         emit_json(
             {
@@ -567,28 +572,50 @@ def export_command(
                 "blobs": report.blob_count,
                 "bytes": report.bytes,
                 "path": str(report.path),
-            }
+            },
+            err=to_stdout,
         )
         return
     click.echo(
         f"exported {report.ref} ({report.digest}): {report.blob_count} blobs,"
-        f" {human_size(report.bytes)} -> {report.path}"
+        f" {human_size(report.bytes)} -> {report.path}",
+        err=to_stdout,
     )
+
+
+def _is_stdout(path: Path) -> bool:
+    import os  # noqa: PLC0415
+
+    try:
+        here, out = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return (here.st_dev, here.st_ino) == (out.st_dev, out.st_ino)
 
 
 @click.command("import")
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--no-tag", is_flag=True, help="Do not move the tags recorded in the archive.")
+@click.option(
+    "--move-tags",
+    is_flag=True,
+    help="Move a tag this store already has to the archive's release (default: refuse).",
+)
 @store_options
 @json_option
 def import_command(
-    archive: Path, no_tag: bool, store_url: str | None, index_url: str | None, as_json: bool
+    archive: Path,
+    no_tag: bool,
+    move_tags: bool,
+    store_url: str | None,
+    index_url: str | None,
+    as_json: bool,
 ) -> None:
     """Import an archive made by `kiln export` (every blob verified)."""
     from artifacts.transfer import import_archive  # noqa: PLC0415
 
     with open_store(store_url, index_url) as store:
-        report = import_archive(store, archive, tag=not no_tag)
+        report = import_archive(store, archive, tag=not no_tag, move_tags=move_tags)
     if as_json:
         emit_json(
             {

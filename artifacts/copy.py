@@ -18,6 +18,7 @@ from artifacts.config import resolve_index_url, resolve_store_url
 from artifacts.digest import Digest
 from artifacts.errors import InvalidManifest, ReferenceNotFound, SizeMismatch, StoreConfigError
 from artifacts.manifest import Release
+from artifacts.redact import redact_url
 from artifacts.refs import TagName, parse_tag_name
 from artifacts.store import Store
 
@@ -69,10 +70,13 @@ def open_stores(
     source_index = resolve_index_url(source_url, from_index)
     target_index = resolve_index_url(to_url, to_index)
     if source_url.rstrip("/") == to_url.rstrip("/"):
-        raise StoreConfigError(f"kiln copy: --from and --to are the same store ({to_url})")
+        raise StoreConfigError(
+            f"kiln copy: --from and --to are the same store ({redact_url(to_url)})"
+        )
     if source_index == target_index:
         raise StoreConfigError(
-            f"kiln copy: both stores would use the index {source_index}; give each its own"
+            f"kiln copy: both stores would use the index {redact_url(source_index)}; give each"
+            " its own"
             " with --from-index / --to-index"
         )
     source = Store.open(source_url, source_index, create=False)

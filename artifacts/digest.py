@@ -13,7 +13,7 @@ from artifacts.errors import InvalidDigest
 
 ALGORITHM = "sha256"
 HEX_LENGTH = 64
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 CHUNK_SIZE = 4 * 1024 * 1024
 
 

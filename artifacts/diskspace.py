@@ -7,14 +7,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from artifacts.errors import ArtifactError
+from artifacts.errors import DiskFull
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 NEARLY_FULL_BYTES = 1 << 20  # SQLite's "disk I/O error" counts as a full disk below this
-
-
-class DiskFull(ArtifactError):
-    """A write failed because a filesystem (or quota) is full; the message names it."""
 
 
 def _chain(exc: BaseException) -> Iterable[BaseException]:
@@ -99,7 +95,7 @@ def describe(path: str | Path) -> str:
 
 def disk_full_error(exc: BaseException, paths: Iterable[str | Path], doing: str) -> DiskFull:
     """A one-line DiskFull for `exc`: the file it names, else the fullest of `paths`."""
-    if isinstance(exc, DiskFull):
+    if type(exc) is DiskFull:
         return exc
     named = next(
         (e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None

@@ -76,3 +76,11 @@ class ArchiveError(ArtifactError):
 
 class ReindexRefused(ArtifactError):
     """`kiln reindex` found documents it cannot read; it left the index as it was."""
+
+
+class DiskFull(ArtifactError):
+    """A write failed because a filesystem (or quota) is full; the message names it."""
+
+
+class NoSpace(DiskFull):
+    """A blob write ran out of disk space (or quota); the message names the folder."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from artifacts.digest import Digest, canonical_json
 from artifacts.errors import InvalidManifest
+from artifacts.refs import NAME_RULE, is_valid_name
 from artifacts.validate import Reader
 
 RELEASE_MEDIA_TYPE = "application/vnd.kiln.release.v1+json"
@@ -238,8 +239,11 @@ class Release:
                 r.fail(f"graphs[{i}]", f"duplicate graph {g.kind} {g.bucket_label}")
             seen.add(g.identity)
         annotations = r.get("annotations", dict, required=False) or {}
+        name = r.text("name")
+        if not is_valid_name(name):
+            r.fail("name", f"must be {NAME_RULE}, got {name!r}")
         return cls(
-            name=r.text("name"),
+            name=name,
             target=r.text("target"),
             source=Source.read(r.child("source")),
             graphs=graphs,

@@ -8,6 +8,7 @@ from typing import Any
 
 from artifacts.digest import canonical_json
 from artifacts.manifest import RELEASE_MEDIA_TYPE
+from artifacts.refs import NAME_RULE, TAG_RULE, is_valid_name, is_valid_tag
 from artifacts.validate import Reader
 
 TAG_EVENT_MEDIA_TYPE = "application/vnd.kiln.tag-event.v1+json"
@@ -42,9 +43,14 @@ class TagEvent:
     @classmethod
     def from_json(cls, value: Any, source: str) -> TagEvent:
         r = Reader(value, "", source)
+        name, tag = r.text("name"), r.text("tag")
+        if not is_valid_name(name):
+            r.fail("name", f"must be {NAME_RULE}, got {name!r}")
+        if not is_valid_tag(tag):
+            r.fail("tag", f"must be {TAG_RULE}, got {tag!r}")
         return cls(
-            name=r.text("name"),
-            tag=r.text("tag"),
+            name=name,
+            tag=tag,
             digest=r.text("digest"),
             previous=r.get("previous", str, required=False),
             at=r.number("at"),

@@ -14,10 +14,12 @@ all their blobs are in, with tags moved last of all.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import stat
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -57,6 +59,7 @@ DOCUMENT_LIMIT = 1024 * 1024
 MANIFEST_LIMIT = SNIFF_LIMIT
 COPY_BUFSIZE = 1024 * 1024
 TEMP_SUFFIX = ".incomplete"
+STREAM_NAME = Path("-")
 
 
 @dataclass(frozen=True)
@@ -103,45 +106,53 @@ class ImportReport:
 
 
 def export_release(
-    store: Store, ref: str, out_path: Path, include_tag: bool = True
+    store: Store, ref: str, out_path: Path | IO[bytes], include_tag: bool = True
 ) -> ExportReport:
     """Write the release `ref` resolves to, and every blob it references, to a tar file.
 
     Blobs are streamed through the store's verifying reader, so a corrupt blob fails the
-    export (naming its digest). The archive appears at `out_path` whole or not at all.
+    export (naming its digest). `out_path` is a path or an open binary stream (stdout for
+    `-o -`). A regular file (a symbolic link to one included: the link stays and its target
+    is replaced) appears whole or not at all; a FIFO or a device is written to in place.
     """
+    if not isinstance(out_path, (str, os.PathLike)):
+        return _export(store, ref, _Output(out_path, STREAM_NAME), include_tag)
     out_path = Path(out_path)
+    with _open_output(out_path) as out:
+        return _export(store, ref, out, include_tag)
+
+
+def _export(store: Store, ref: str, out: _Output, include_tag: bool) -> ExportReport:
     resolved = store.resolve(ref)
     digest = resolved.digest
     manifest = store.read_bytes(digest)
     release = Release.from_bytes(manifest, source=f"manifest {digest}")
     blobs = _export_plan(store, release)
+    # Import refuses a tag of another name than the release's, so such a tag is not recorded.
     tag_ref = (
         f"{resolved.name}:{resolved.tag}"
-        if include_tag and resolved.name is not None and resolved.tag is not None
+        if include_tag and resolved.name == release.name and resolved.tag is not None
         else None
     )
     index = _index_document(digest, len(manifest), release.name, tag_ref)
 
-    with _atomic_file(out_path) as out:
-        with tarfile.open(
-            fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFSIZE
-        ) as tar:
-            _add_bytes(
-                tar, LAYOUT_MEMBER, canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION})
-            )
-            _add_bytes(tar, INDEX_MEMBER, canonical_json(index))
-            for directory in ("blobs", BLOB_DIR):
-                tar.addfile(_tar_info(directory, 0, tarfile.DIRTYPE, 0o755))
-            _add_bytes(tar, _blob_member(digest), manifest)
-            for blob, size in blobs:
-                _add_blob(tar, store, blob, size)
+    with tarfile.open(
+        fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFSIZE
+    ) as tar:
+        _add_bytes(tar, LAYOUT_MEMBER, canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+        _add_bytes(tar, INDEX_MEMBER, canonical_json(index))
+        for directory in ("blobs", BLOB_DIR):
+            tar.addfile(_tar_info(directory, 0, tarfile.DIRTYPE, 0o755))
+        _add_bytes(tar, _blob_member(digest), manifest)
+        for blob, size in blobs:
+            _add_blob(tar, store, blob, size)
+    out.flush()
     return ExportReport(
         digest=digest,
         ref=ref,
         blob_count=len(blobs) + 1,
-        bytes=out_path.stat().st_size,
-        path=out_path,
+        bytes=out.written,
+        path=out.path,
     )
 
 
@@ -231,21 +242,118 @@ class _FullReads:
         return b"".join(parts)
 
 
+class _Output:
+    """The archive's destination: counts the bytes written, and names `path` in any OSError
+    (a full disk, a closed pipe) as one ArchiveError instead of a traceback."""
+
+    def __init__(self, stream: IO[bytes], path: Path, in_place: bool = True) -> None:
+        self._stream = stream
+        self.path = path
+        self.in_place = in_place
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = self._stream.write(view)  # unbuffered: a short write is possible
+                view = view[n or 0 :]
+        except OSError as exc:
+            raise _write_error(self.path, exc, self.in_place) from None
+        self.written += len(data)
+        return len(data)
+
+    def tell(self) -> int:  # tarfile asks; a pipe cannot answer, and only the count matters
+        return self.written
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise _write_error(self.path, exc, self.in_place) from None
+
+    def fsync(self) -> None:
+        self.flush()
+        try:
+            os.fsync(self._stream.fileno())
+        except OSError as exc:
+            raise _write_error(self.path, exc, self.in_place) from None
+
+
+def _write_error(path: Path, exc: OSError, in_place: bool) -> ArchiveError:
+    outcome = "what was written is incomplete" if in_place else "nothing was written"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ArchiveError(f"cannot write archive {path}: no space left on device; {outcome}")
+    return ArchiveError(f"cannot write archive {path}: {exc.strerror or exc}; {outcome}")
+
+
 @contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """A temp file beside `path`, fsynced and renamed into place if the block succeeds."""
+def _open_output(path: Path) -> Iterator[_Output]:
+    """Where `kiln export -o PATH` writes: through links, never over a FIFO or device node.
+
+    A new or regular file (after following symbolic links) gets the atomic temp-and-rename;
+    a FIFO or a character or block device (/dev/null, /dev/stdout on a pipe) is opened and
+    written in place, since renaming over it would replace the node rather than feed it.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise ArchiveError(f"cannot write archive {path}: {exc.strerror}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise ArchiveError(f"cannot write archive {path}: it is a directory")
+    if st is None or stat.S_ISREG(st.st_mode):
+        real = Path(os.path.realpath(path))
+        if st is None or _same_file(real, st):
+            with _atomic_file(real, path) as out:
+                yield out
+            return
+    elif not (
+        stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+    ):
+        raise ArchiveError(
+            f"cannot write archive {path}: it is not a file, a FIFO or a device"
+            " (write to a file, or to stdout with -o -)"
+        )
+    # A FIFO, a device, or a name that does not lead back to its file (/proc/self/fd/N).
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ArchiveError(f"cannot write archive {path}: {exc.strerror}") from None
+    # Unbuffered, so a failed write is reported once and closing has nothing left to flush.
+    with os.fdopen(fd, "wb", buffering=0) as stream:
+        out = _Output(stream, path)
+        yield out
+        out.flush()
+
+
+def _same_file(path: Path, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+@contextmanager
+def _atomic_file(path: Path, shown: Path | None = None) -> Iterator[_Output]:
+    """A temp file beside `path`, fsynced and renamed into place if the block succeeds.
+
+    `shown` is the name the user gave (a link to `path`), used in messages."""
+    shown = shown or path
     try:
         fd, tmp_name = tempfile.mkstemp(
             dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX
         )
     except OSError as exc:
-        raise ArchiveError(f"cannot write archive {path}: {exc.strerror}") from None
+        raise ArchiveError(f"cannot write archive {shown}: {exc.strerror}") from None
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb", buffering=0) as stream:
+            out = _Output(stream, shown, in_place=False)
             yield out
-            out.flush()
-            os.fsync(out.fileno())
+            out.fsync()
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -274,12 +382,16 @@ class _Entry:
     tag: TagName | None
 
 
-def import_archive(store: Store, archive: Path, tag: bool = True) -> ImportReport:
+def import_archive(
+    store: Store, archive: Path, tag: bool = True, move_tags: bool = False
+) -> ImportReport:
     """Import every release in an archive made by `export_release` into `store`.
 
     Nothing is written until the whole archive has been checked (names, member types,
-    index, manifests); then blobs are stored (each hashed against its name), then releases
-    are registered, then, if `tag`, the tags named in the index are moved.
+    index, manifests, and, if `tag`, that no tag the store already has would move unless
+    `move_tags`); then blobs are stored (each hashed against its name), then releases are
+    registered, then, if `tag`, the tags named in the index are set. A tag must carry its
+    release's own name: an archive cannot move another model's tag.
     """
     archive = Path(archive)
     try:
@@ -291,7 +403,10 @@ def import_archive(store: Store, archive: Path, tag: bool = True) -> ImportRepor
     with tar:
         importer = _Importer(store, archive, tar)
         entries = importer.plan()
-        return importer.apply(entries, tag)
+        if tag:
+            for entry in entries:
+                importer.check_tag_move(entry, move_tags)
+        return importer.apply(entries, tag, move_tags)
 
 
 class _Importer:
@@ -481,10 +596,28 @@ class _Importer:
                 tag = parse_tag_name(str(ref))
             except InvalidReference as exc:
                 raise self.fail(INDEX_MEMBER, f"{where}: {exc}") from None
+            if tag.name != release.name:
+                raise self.fail(
+                    INDEX_MEMBER,
+                    f"{where} would tag {str(tag)!r}, but its release is named"
+                    f" {release.name!r}: an archive may only tag its own release's name",
+                )
         return _Entry(digest, release, tag)
 
+    def check_tag_move(self, entry: _Entry, move_tags: bool) -> None:
+        """Refuse to move a tag the store has at another release, unless `move_tags`."""
+        if entry.tag is None or move_tags:
+            return
+        current = self._tag_target(entry.tag)
+        if current is not None and current != entry.digest:
+            raise ArchiveError(
+                f"cannot import {self.archive}: tag {entry.tag} already points at"
+                f" {current.short} in this store and the archive would move it to"
+                f" {entry.digest.short}; pass --move-tags to move it, or --no-tag"
+            )
+
     # -- writing: blobs, then releases, then tags ----------------------------------------------
-    def apply(self, entries: list[_Entry], tag: bool) -> ImportReport:
+    def apply(self, entries: list[_Entry], tag: bool, move_tags: bool = False) -> ImportReport:
         manifests = {entry.digest for entry in entries}
         added = present = written = 0
         for digest, member in self.blobs.items():
@@ -515,6 +648,7 @@ class _Importer:
             moved: str | None = None
             if tag and entry.tag is not None:
                 moved = str(entry.tag)
+                self.check_tag_move(entry, move_tags)  # again: the tag may have moved since
                 if self._tag_target(entry.tag) != entry.digest:
                     self.store.move_tag(
                         entry.tag, entry.digest, reason=f"import {self.archive.name}"

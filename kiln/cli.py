@@ -6,6 +6,7 @@ imported only when that command runs.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -70,7 +71,17 @@ def cli(store_url: str | None, index_url: str | None) -> None:
 
 
 def user_error_message(exc: BaseException) -> str | None:
-    """The one line to print for an error a user can act on, or None for a real bug."""
+    """The one line to print for an error a user can act on (any password in a URL in it
+    masked), or None for a real bug."""
+    message = _user_error_message(exc)
+    if message is None:
+        return None
+    from artifacts.redact import redact_text  # noqa: PLC0415
+
+    return redact_text(message)
+
+
+def _user_error_message(exc: BaseException) -> str | None:
     for module, name in ERROR_ROOTS:
         loaded = sys.modules.get(module)
         if loaded is not None and isinstance(exc, getattr(loaded, name)):
@@ -81,6 +92,8 @@ def user_error_message(exc: BaseException) -> str | None:
         return f"index error: {str(orig).splitlines()[0]}"
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{exc.strerror}: a disk is full"
     return None
 
 

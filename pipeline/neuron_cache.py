@@ -26,6 +26,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -41,6 +42,7 @@ from artifacts.index.db import write_transaction
 from artifacts.index.models import CompilationRow
 from artifacts.neff import NeffError, NeffHeader
 from artifacts.records import COMPILATION_MEDIA_TYPE
+from artifacts.redact import redact_url
 from artifacts.reindex import index_compilation
 from artifacts.store import Store
 from pipeline.errors import PipelineError
@@ -57,6 +59,9 @@ DONE_FILE = "model.done"
 LOG_FILE = "model.log"
 DEFAULT_TARGET = "inf2"
 PROVENANCE_SOURCE = "neuron-cache"
+# Folder names are kept in compile records and become paths again on export: each part must
+# be printable ASCII that cannot climb out of the cache root.
+_FOLDER_PART = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,254}\Z")
 
 IMPORTED, PRESENT = "imported", "present"
 INCOMPLETE, FAILED, LOCKED, INVALID = "incomplete", "failed", "locked", "invalid"
@@ -118,7 +123,8 @@ class S3CacheSource:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.url = redact_url(url)
 
     def _key(self, rel: str) -> str:
         return "/".join(p for p in (self.prefix, rel.strip("/")) if p)
@@ -191,7 +197,9 @@ def _s3_client(url: str) -> Any:
     try:
         import boto3  # noqa: PLC0415
     except ImportError as exc:
-        raise NeuronCacheError(f"reading {url} needs boto3: pip install 'kiln[s3]'") from exc
+        raise NeuronCacheError(
+            f"reading {redact_url(url)} needs boto3: pip install 'kiln[s3]'"
+        ) from exc
     return boto3.client("s3")
 
 
@@ -237,6 +245,29 @@ class CacheEntry:
         return next((name for name in HLO_FILES if name in self.files), None)
 
 
+def is_safe_folder(folder: object) -> bool:
+    """True for `neuronxcc-<version>/MODULE_<key>` with only [A-Za-z0-9._+-] in each part."""
+    if not isinstance(folder, str):
+        return False
+    parts = folder.split("/")
+    return (
+        len(parts) == 2
+        and parts[0].startswith(VERSION_PREFIX)
+        and parts[1].startswith(MODULE_PREFIX)
+        and all(_FOLDER_PART.match(p) for p in parts)
+    )
+
+
+def _unsafe_entry(folder: str, version: str) -> CacheEntry:
+    shown = ascii(folder)[1:-1]
+    return CacheEntry(
+        shown,
+        ascii(version)[1:-1],
+        INVALID,
+        detail="folder name is not printable ASCII letters, digits, '.', '_', '+' or '-'; skipped",
+    )
+
+
 def _classify(files: dict[str, FileInfo]) -> tuple[str, str]:
     locks = sorted(n for n in files if n.endswith(".lock"))
     if locks:
@@ -264,6 +295,9 @@ def scan_cache(source: CacheSource, versions: list[str] | None = None) -> list[C
                 if not module.startswith(MODULE_PREFIX):
                     continue
                 folder = f"{version_dir}/{module}"
+                if not is_safe_folder(folder):
+                    entries.append(_unsafe_entry(folder, version))
+                    continue
                 files = source.list_files(folder)
                 state, detail = _classify(files)
                 entries.append(CacheEntry(folder, version, state, files, detail))
@@ -555,7 +589,7 @@ def _item(
     provenance: dict[str, Any],
 ) -> _ExportItem:
     folder = provenance.get("folder") if provenance.get("source") == PROVENANCE_SOURCE else None
-    if not isinstance(folder, str) or "/" not in folder or ".." in folder.split("/"):
+    if not is_safe_folder(folder):
         folder = f"{VERSION_PREFIX}{version}/{MODULE_PREFIX}{Digest.parse(hlo_key_).hex[:20]}"
         provenance = {}
     text = provenance.get("compile_flags_text")

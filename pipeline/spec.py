@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.digest import Digest
-from artifacts.refs import NAME_RE, TAG_RE
+from artifacts.refs import NAME_RULE, TAG_RULE, is_valid_name, is_valid_tag
 from pipeline.errors import SpecError
 from pipeline.tracers import DEFAULT_TRACER, TRACERS
 
@@ -246,8 +246,8 @@ def parse_spec(data: Any, file: str, base: Path | None = None, raw: bytes = b"")
             )
         merged = {**defaults, **entry}
         name = merged.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            errors.fail(f"{where}.name", "must be lowercase letters, digits, '.', '_', '-', '/'")
+        if not is_valid_name(name):
+            errors.fail(f"{where}.name", f"must be {NAME_RULE}, got {name!r}")
         if name in names:
             errors.fail(f"{where}.name", f"duplicate model name {name!r}")
         names.add(name)
@@ -286,8 +286,8 @@ def parse_spec(data: Any, file: str, base: Path | None = None, raw: bytes = b"")
             errors,
         )
         tag = merged.get("tag", "latest")
-        if not isinstance(tag, str) or not TAG_RE.match(tag):
-            errors.fail(f"{where}.tag", "must be letters, digits, '.', '_' or '-'")
+        if not is_valid_tag(tag):
+            errors.fail(f"{where}.tag", f"must be {TAG_RULE}, got {tag!r}")
         tracer = merged.get("tracer", DEFAULT_TRACER)
         if tracer not in TRACERS:
             errors.fail(f"{where}.tracer", f"must be one of {TRACERS}")

@@ -18,7 +18,8 @@ from pathlib import Path
 from artifacts.backends.local import LocalBlobBackend
 from artifacts.config import CACHE_ENV, user_cache_dir
 from artifacts.digest import Digest
-from artifacts.errors import BlobCorrupted, BlobNotFound, SizeMismatch
+from artifacts.errors import BlobCorrupted, BlobNotFound, InvalidReference, SizeMismatch
+from artifacts.refs import DEFAULT_TAG, parse_tag_name
 from runtime_loader.errors import CacheFull, LoaderError
 
 CHUNK = 8 << 20
@@ -99,8 +100,13 @@ class LocalCache:
             return None
 
     def _ref_path(self, ref: str) -> Path:
-        name, _, tag = ref.rpartition(":") if ":" in ref else (ref, "", "latest")
-        return self.refs / name / (tag or "latest")
+        """`refs/<name>/<tag>`; the name grammar keeps it inside `refs/`, and this checks."""
+        parsed = parse_tag_name(ref if ":" in ref else f"{ref}:{DEFAULT_TAG}")
+        refs = Path(os.path.abspath(self.refs))
+        path = Path(os.path.abspath(refs / parsed.name / parsed.tag))
+        if path.parent == refs or refs not in path.parents:
+            raise InvalidReference(f"reference {ref!r} maps outside the cache's refs folder")
+        return path
 
     def blobs(self) -> list[CachedBlob]:
         out = []

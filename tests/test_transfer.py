@@ -182,12 +182,14 @@ def test_import_twice_adds_nothing(exported: tuple[Digest, Path], target: Store)
     assert registered(target) == (1, 1)
 
 
-def test_import_moves_an_existing_tag(exported: tuple[Digest, Path], target: Store) -> None:
+def test_import_moves_an_existing_tag_when_asked(
+    exported: tuple[Digest, Path], target: Store
+) -> None:
     digest, archive = exported
     older = make_release(target)
     assert older != digest
 
-    import_archive(target, archive)
+    import_archive(target, archive, move_tags=True)
 
     assert target.resolve("minilm:prod").digest == digest
     assert [m.previous for m in target.history("minilm:prod")] == [str(older), None]

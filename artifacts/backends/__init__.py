@@ -6,6 +6,7 @@ from pathlib import Path
 
 from artifacts.backends.base import BlobBackend, BlobInfo, PutResult, VerifyingReader
 from artifacts.errors import StoreConfigError
+from artifacts.redact import redact_url
 
 __all__ = ["BlobBackend", "BlobInfo", "PutResult", "VerifyingReader", "open_backend"]
 
@@ -23,11 +24,12 @@ def open_backend(url: str, create: bool = True) -> BlobBackend:
                 from artifacts.backends.s3 import S3BlobBackend  # noqa: PLC0415
             except ImportError as exc:
                 raise StoreConfigError(
-                    f"store {url}: the S3 backend is not available ({exc}); install kiln[s3]"
+                    f"store {redact_url(url)}: the S3 backend is not available ({exc});"
+                    " install kiln[s3]"
                 ) from exc
             return S3BlobBackend.from_url(url)
         raise StoreConfigError(
-            f"unsupported store URL {url!r}: use a path, file://PATH or s3://BUCKET/PREFIX"
+            f"unsupported store URL {redact_url(url)!r}: use a path, file://PATH or s3://BUCKET/PREFIX"
         )
     return _local(url, create)
 

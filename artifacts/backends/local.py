@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
@@ -11,7 +12,13 @@ from typing import IO
 
 from artifacts.backends.base import BlobInfo, PutResult, VerifyingReader
 from artifacts.digest import ALGORITHM, CHUNK_SIZE, Digest, Hasher
-from artifacts.errors import BlobCorrupted, BlobNotFound, InvalidDigest, StoreConfigError
+from artifacts.errors import (
+    BlobCorrupted,
+    BlobNotFound,
+    InvalidDigest,
+    NoSpace,
+    StoreConfigError,
+)
 
 TEMP_SUFFIX = ".incomplete"
 
@@ -74,6 +81,17 @@ class LocalBlobBackend:
             # Same digest, same bytes: nothing to read. (A corrupted copy is repaired by a
             # put without `expected`, or by deleting it first.)
             return PutResult(expected, self.path_of(expected).stat().st_size, False)
+        try:
+            return self._put(stream, expected)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise NoSpace(
+                f"cannot write to {self.root}: no space left on device; the blob being"
+                " written was discarded (free space and rerun)"
+            ) from None
+
+    def _put(self, stream: IO[bytes], expected: Digest | None) -> PutResult:
         # A reader that already verifies `expected` raises before EOF on other bytes: hash once.
         trusted = expected is not None and getattr(stream, "verifies", None) == expected
         hasher = Hasher()

@@ -69,6 +69,7 @@ from artifacts.errors import (
     SizeMismatch,
     StoreConfigError,
 )
+from artifacts.redact import redact_url
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -136,9 +137,16 @@ def no_credentials(url: str, exc: BaseException) -> S3AccessDenied:
 def parse_s3_url(url: str) -> tuple[str, str]:
     """`s3://bucket/some/prefix` -> ("bucket", "some/prefix"); StoreConfigError if malformed."""
     if not url.startswith("s3://"):
-        raise StoreConfigError(f"not an S3 store URL: {url!r} (expected s3://BUCKET/PREFIX)")
+        raise StoreConfigError(
+            f"not an S3 store URL: {redact_url(url)!r} (expected s3://BUCKET/PREFIX)"
+        )
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     prefix = prefix.strip("/")
+    if "@" in bucket:
+        raise StoreConfigError(
+            f"store URL {redact_url(url)!r}: credentials do not belong in an S3 store URL;"
+            " set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        )
     if not _BUCKET_RE.match(bucket):
         raise StoreConfigError(
             f"store URL {url!r}: {bucket!r} is not a valid S3 bucket name"

@@ -12,6 +12,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
 
 from artifacts.errors import StoreConfigError, StoreIndexError
 from artifacts.index.lockwait import begin_immediate
+from artifacts.redact import redact_text, redact_url
 
 HEAD_REVISION = "0004"
 KNOWN_REVISIONS = ("0001", "0002", "0003", "0004")
@@ -48,7 +49,9 @@ def make_engine(url: str) -> Engine:
     except (ImportError, SQLAlchemyError, ValueError) as exc:
         if isinstance(exc, StoreConfigError):
             raise
-        raise StoreConfigError(f"cannot use index URL {url!r}: {exc}") from None
+        raise StoreConfigError(
+            f"cannot use index URL {redact_url(url)!r}: {redact_text(str(exc))}"
+        ) from None
 
 
 def _configure_sqlite(engine: Engine, path: Path | None) -> None:
@@ -177,12 +180,9 @@ def display_url(url: str) -> str:
     path = _sqlite_path(url)
     if path is not None:
         return str(path)
-    if "@" in url:  # hide credentials
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    return redact_url(url)
 
 
 def _short(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
-    return str(orig or exc).splitlines()[0]
+    return redact_text(str(orig or exc).splitlines()[0])
