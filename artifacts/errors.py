@@ -72,3 +72,8 @@ class StoreIndexError(ArtifactError):
 
 class ArchiveError(ArtifactError):
     """An export archive that is malformed or unsafe to import."""
+
+
+class IndexRequired(ArtifactError):
+    """An operation that needs the SQL index (stats, gc, leases, writes) on a store opened
+    without one: reads of releases and tags never need it."""

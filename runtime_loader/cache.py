@@ -8,6 +8,7 @@ A blob's mtime is touched when a model uses it, so pruning removes least recentl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from artifacts.config import CACHE_ENV, user_cache_dir
 from artifacts.digest import Digest
 from artifacts.errors import BlobCorrupted, BlobNotFound, SizeMismatch
 from runtime_loader.errors import LoaderError
+
+log = logging.getLogger("kiln")
 
 
 def default_cache_dir() -> Path:
@@ -36,6 +39,7 @@ class LocalCache:
         self.root = Path(root) if root else default_cache_dir()
         self.backend = LocalBlobBackend(self.root)
         self.refs = self.root / "refs"
+        self._warned = False
 
     def has(self, digest: Digest) -> bool:
         return self.backend.has(digest)
@@ -56,12 +60,32 @@ class LocalCache:
     def discard(self, digest: Digest) -> None:
         self.backend.delete(digest)
 
-    def record_ref(self, ref: str, digest: Digest, store: str) -> None:
+    def record_ref(self, ref: str, digest: Digest, store: str) -> bool:
+        """Remember where `ref` resolved, for offline loads. A cache this process cannot
+        write (a read-only mount, a shared cache owned by another user) still serves loads:
+        the ref is then not recorded, with one warning per cache, and False is returned."""
         path = self._ref_path(ref)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"digest": str(digest), "store": store, "at": time.time()}))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"digest": str(digest), "store": store, "at": time.time()}))
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "kiln: warning: cannot record %s in the cache %s (%s); loads work, but"
+                    " an offline load will not know this tag",
+                    ref,
+                    self.root,
+                    exc.strerror or exc,
+                )
+            return False
+        return True
 
     def lookup_ref(self, ref: str) -> Digest | None:
         try:
