@@ -122,6 +122,8 @@ def load(
             ref, store, cache, index, workers, target=target
         )
         digest = Digest.parse(report.digest)
+        if opened is not store:
+            opened.close()  # its index is not needed again (a refetch reads only blobs)
 
         def refetch(bad: Digest) -> None:
             with opened.open_blob(bad) as reader:

@@ -86,8 +86,9 @@ def refuse_foreign(path: Path) -> None:
 def _revision(engine: Engine, path: Path) -> str | None:
     try:
         with engine.connect() as conn:
-            revision = current_revision(conn)
-            if revision is None and _has_tables(conn):
+            has_tables = _has_tables(conn)
+            revision = current_revision(conn) if has_tables else None
+            if revision is None and has_tables:
                 raise StoreIndexError(
                     f"index {path} is not a Kiln index (a SQLite database without Kiln's schema)"
                 )
@@ -139,7 +140,7 @@ def open_for_reading(url: str) -> tuple[Engine | None, str]:
     engine = _readonly_engine(path, immutable=False)
     try:
         with engine.connect() as conn:
-            current_revision(conn)
+            _has_tables(conn)  # raises where SQLite cannot share the WAL index read-only
     except OperationalError:
         engine.dispose()
         engine = _readonly_engine(path, immutable=True)
