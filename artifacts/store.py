@@ -16,7 +16,6 @@ import difflib
 import getpass
 import io
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -115,7 +114,7 @@ class Store:
         if self._engine is None:
             hint = (
                 "check that it is reachable"
-                if os.environ.get(INDEX_ENV)
+                if "unreachable" in self.index_problem
                 else f"pass --index URL or set {INDEX_ENV}"
             )
             raise IndexRequired(

@@ -21,6 +21,7 @@ from artifacts.records import TagEvent
 from artifacts.store import Store
 from artifacts.tagrefs import read_tag_ref
 from tests.conftest import build_release
+from tests.s3_server import free_ports
 from tests.store_helpers import TAG, kiln, worker_command
 
 
@@ -211,6 +212,28 @@ def test_concurrent_moves_keep_one_chain_and_readers_never_see_a_torn_ref(
     for newer, older in zip(walked, walked[1:], strict=False):
         assert newer["previous"] == older["digest"]
     assert walked[-1]["previous"] is None
+
+
+def test_an_unreachable_index_server_does_not_stop_reads(
+    store_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    digests, history = _moved_store(store_dir)
+    (port,) = free_ports(1)
+    down = f"postgresql+psycopg://kiln:secret@127.0.0.1:{port}/kiln"
+    with caplog.at_level("WARNING", logger="kiln"), Store.open(
+        str(store_dir), down, create=False
+    ) as store:
+        assert not store.has_index
+        assert store.resolve("m:prod").digest == digests[0]
+        assert [m.__dict__ for m in store.history("m:prod")] == history
+        with pytest.raises(IndexRequired) as raised:
+            store.require_index("kiln stats")
+    message = str(raised.value)
+    assert f"index postgresql+psycopg://***@127.0.0.1:{port}/kiln is unreachable" in message
+    assert "secret" not in message and "check that it is reachable" in message
+    assert [r.getMessage() for r in caplog.records if r.name == "kiln"][0].startswith(
+        "kiln: warning: index postgresql+psycopg://***@"
+    )
 
 
 # -- read commands create nothing ------------------------------------------------------------------
