@@ -96,6 +96,8 @@ def stats_command(store_url: str | None, index_url: str | None, as_json: bool) -
     from artifacts.inspect import store_stats  # noqa: PLC0415
 
     with open_store(store_url, index_url, create=False) as store:
+        if not store.has_index:
+            store.probe()
         stats = store_stats(store)
     if as_json:
         emit_json(stats.to_json())
@@ -413,7 +415,9 @@ def verify_command(
     from artifacts.verify import verify_store  # noqa: PLC0415
 
     with open_store(store_url, index_url, create=False) as store:
-        store.require_index("kiln verify (it checks the index against the blobs)")
+        if not store.has_index:
+            store.probe()
+            store.require_index("kiln verify (it checks the index against the blobs)")
         report = verify_store(store, workers, ProgressLine("verify", not as_json))
     if as_json:
         emit_json(report.to_json())
@@ -460,7 +464,9 @@ def gc_command(
 
     policy = GcPolicy(grace_days * 86400, grace_days * 86400, min_age_hours * 3600)
     with open_store(store_url, index_url, create=False) as store:
-        store.require_index("kiln gc")
+        if not store.has_index:
+            store.probe()
+            store.require_index("kiln gc")
         plan = plan_gc(store, policy)
         if dry_run:
             if as_json:

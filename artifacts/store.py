@@ -123,6 +123,11 @@ class Store:
             )
         return self._engine
 
+    def probe(self) -> None:
+        """Read one listing page of the backend, so a missing bucket, denied credentials or an
+        unreachable endpoint is reported before a missing index is."""
+        next(iter(self.backend.iter_blobs()), None)
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
