@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from artifacts.config import resolve_index_url
 from artifacts.store import Store
@@ -68,7 +69,8 @@ def _environ(**values: str) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def deploy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deploy]:
-    """A SeaweedFS with an admin and a read-only identity; tiny-llama compiled by host A."""
+    """A SeaweedFS with an admin and a read-only identity; tiny-llama (the example spec, one
+    bucket) compiled into it by host A with its own default index."""
     require_s3_tools()
     root = tmp_path_factory.mktemp("s3-deploy")
     config = root / "identities.json"
@@ -83,7 +85,11 @@ def deploy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deploy]:
     try:
         host_a = root / "host-a"
         url = f"s3://{BUCKET}/deploy/store"
-        kiln_ok("--store", url, "compile", SPECS["tiny-llama"], "--json",
+        spec = yaml.safe_load(SPECS["tiny-llama"].read_text())
+        spec["models"][0]["buckets"] = {"batch": [1], "seq": [64]}  # two graphs: quicker
+        small = root / "tiny-llama.yaml"
+        small.write_text(yaml.safe_dump(spec))
+        kiln_ok("--store", url, "compile", small, "--json",
                 env=kiln_env(**server.env, XDG_CACHE_HOME=str(host_a)), timeout=900)
         yield Deploy(server, url, host_a, root)
     finally:
