@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, delete
 
 from artifacts.backends import BlobBackend
-from artifacts.config import INDEX_ENV, resolve_index_url, resolve_store_url
+from artifacts.config import default_index_url, resolve_index_url, resolve_store_url
 from artifacts.errors import ArtifactError, InvalidManifest
 from artifacts.index import ops
 from artifacts.index.db import _sqlite_path, ensure_schema, make_engine, write_transaction
@@ -62,10 +62,10 @@ def reindex(
     backend = open_backend(url, create=False)
     index = resolve_index_url(url, index_url)
     path = _sqlite_path(index)
-    if path is not None and (index_url or os.environ.get(INDEX_ENV)):
+    if path is not None and path != _sqlite_path(default_index_url(url)):
         from artifacts.index.reader import refuse_foreign  # noqa: PLC0415
 
-        refuse_foreign(path)  # Kiln's own default paths are always Kiln's to rebuild
+        refuse_foreign(path)  # a file at Kiln's own default path is Kiln's to rebuild
     if path is not None:
         tmp = path.with_name(f"{path.name}.rebuild-{os.getpid()}")
         _remove_sqlite(tmp)
