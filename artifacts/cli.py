@@ -61,7 +61,7 @@ def ls_command(
     """List releases (of NAME) with their tags."""
     from artifacts.inspect import list_releases  # noqa: PLC0415
 
-    with open_store(store_url, index_url) as store:
+    with open_store(store_url, index_url, create=False) as store:
         rows = list_releases(store, name)
     if as_json:
         emit_json([r.to_json() for r in rows])
@@ -96,7 +96,9 @@ def stats_command(store_url: str | None, index_url: str | None, as_json: bool) -
     """Counts and sizes of what the store holds."""
     from artifacts.inspect import store_stats  # noqa: PLC0415
 
-    with open_store(store_url, index_url) as store:
+    with open_store(store_url, index_url, create=False) as store:
+        if not store.has_index:
+            store.probe()
         stats = store_stats(store)
     if as_json:
         emit_json(stats.to_json())
@@ -122,7 +124,7 @@ def _compilations(store, column: str, value: str) -> list[tuple[str, dict[str, A
     from artifacts.digest import Digest  # noqa: PLC0415
     from artifacts.index.models import CompilationRow  # noqa: PLC0415
 
-    with store.engine.connect() as conn:
+    with store.require_index("looking up compilations").connect() as conn:
         digests = conn.execute(
             select(CompilationRow.record_digest)
             .where(getattr(CompilationRow, column) == value)
@@ -204,7 +206,7 @@ def show_command(
     from artifacts.errors import ReferenceNotFound  # noqa: PLC0415
     from artifacts.inspect import show_blob, show_release  # noqa: PLC0415
 
-    with open_store(store_url, index_url) as store:
+    with open_store(store_url, index_url, create=False) as store:
         if by_hlo_key:
             records = _compilations(store, "hlo_key", ref)
             if not records:
@@ -224,10 +226,13 @@ def show_command(
 
             digest = store.resolve_blob(ref)
             blob = show_blob(store, digest)
-            records = _compilations(store, "record_digest", str(digest)) or _compilations(
-                store, "log_digest", str(digest)
-            )
-            neff = is_neff_blob(store, digest)
+            records = []
+            neff = False
+            if store.has_index:
+                records = _compilations(store, "record_digest", str(digest)) or _compilations(
+                    store, "log_digest", str(digest)
+                )
+                neff = is_neff_blob(store, digest)
             if as_json:
                 out = blob.to_json()
                 if records:
@@ -318,7 +323,7 @@ def history_command(
     name_tag: str, store_url: str | None, index_url: str | None, as_json: bool
 ) -> None:
     """Every move of a tag, newest first."""
-    with open_store(store_url, index_url) as store:
+    with open_store(store_url, index_url, create=False) as store:
         moves = store.history(name_tag)
     if as_json:
         emit_json([m.__dict__ for m in moves])
@@ -351,7 +356,7 @@ def diff_command(
     """What changed between two releases: graphs, flags, compiler versions, sizes."""
     from artifacts.inspect import diff_releases  # noqa: PLC0415
 
-    with open_store(store_url, index_url) as store:
+    with open_store(store_url, index_url, create=False) as store:
         a = store.load_release(store.resolve(left).digest)
         b = store.load_release(store.resolve(right).digest)
     d = diff_releases(a, b, left, right)
@@ -418,6 +423,9 @@ def verify_command(
     from artifacts.verify import verify_store  # noqa: PLC0415
 
     with open_store(store_url, index_url, create=False) as store:
+        if not store.has_index:
+            store.probe()
+            store.require_index("kiln verify (it checks the index against the blobs)")
         report = verify_store(store, workers, ProgressLine("verify", not as_json))
     if as_json:
         emit_json(report.to_json())
@@ -485,6 +493,9 @@ def gc_command(
 
     policy = GcPolicy(grace_days * 86400, grace_days * 86400, min_age_hours * 3600)
     with open_store(store_url, index_url, create=False) as store:
+        if not store.has_index:
+            store.probe()
+            store.require_index("kiln gc")
         plan = plan_gc(store, policy)
         if dry_run:
             if as_json:

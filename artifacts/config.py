@@ -35,6 +35,11 @@ def resolve_index_url(store_url: str, flag: str | None = None) -> str:
     explicit = flag or os.environ.get(INDEX_ENV)
     if explicit:
         return explicit
+    return default_index_url(store_url)
+
+
+def default_index_url(store_url: str) -> str:
+    """Where a store's index lives when no flag or environment names one."""
     if is_local_url(store_url):
         return f"sqlite:///{local_path(store_url) / INDEX_FILENAME}"
     key = hashlib.sha256(store_url.encode()).hexdigest()[:16]

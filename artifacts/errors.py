@@ -84,3 +84,8 @@ class DiskFull(ArtifactError):
 
 class NoSpace(DiskFull):
     """A blob write ran out of disk space (or quota); the message names the folder."""
+
+
+class IndexRequired(ArtifactError):
+    """An operation that needs the SQL index (stats, gc, leases, writes) on a store opened
+    without one: reads of releases and tags never need it."""

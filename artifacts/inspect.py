@@ -36,7 +36,10 @@ class ReleaseSummary:
 
 
 def list_releases(store: Store, name: str | None = None) -> list[ReleaseSummary]:
-    """Every release (optionally of one model), newest first, with the tags on it."""
+    """Every release (optionally of one model), newest first, with the tags on it. Without an
+    index, the releases some tag points at (from the ref objects and their manifests)."""
+    if not store.has_index:
+        return _tagged_releases(store, name)
     with store.engine.connect() as conn:
         query = select(
             ManifestRow.digest,
@@ -58,6 +61,31 @@ def list_releases(store: Store, name: str | None = None) -> list[ReleaseSummary]
             ReleaseSummary(d, n, t, k, g, s, c, tuple(sorted(tags.get(d, ()))))
             for d, n, t, k, g, s, c in conn.execute(query)
         ]
+
+
+def _tagged_releases(store: Store, name: str | None) -> list[ReleaseSummary]:
+    tags: dict[str, list[str]] = defaultdict(list)
+    for (tag_name, tag), digest in store.tags(name).items():
+        tags[digest].append(f"{tag_name}:{tag}" if tag_name != name else tag)
+    out = []
+    for digest, on_it in tags.items():
+        data = store.read_bytes(Digest.parse(digest))
+        r = Release.from_bytes(data, source=f"manifest {digest}")
+        out.append(
+            ReleaseSummary(
+                digest,
+                r.name,
+                r.target,
+                r.source.task,
+                len(r.graphs),
+                r.total_size + len(data),
+                r.provenance.created,
+                tuple(sorted(on_it)),
+            )
+        )
+    out.sort(key=lambda s: s.created, reverse=True)
+    out.sort(key=lambda s: s.name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +110,7 @@ def store_stats(store: Store) -> StoreStats:
     """Counts and sizes from the index (fast: aggregates, no walk of the blobs)."""
     from artifacts.index.db import display_url  # noqa: PLC0415
 
-    with store.engine.connect() as conn:
+    with store.require_index("kiln stats").connect() as conn:
         by_kind = {
             (kind or "data"): (n, int(b or 0))
             for kind, n, b in conn.execute(
@@ -121,6 +149,13 @@ class ReleaseView:
 
 def show_release(store: Store, ref: str) -> ReleaseView:
     digest = store.resolve(ref).digest
+    if not store.has_index:
+        data = store.read_bytes(digest)
+        release = Release.from_bytes(data, source=f"manifest {digest}")
+        on_it = sorted(
+            f"{n}:{t}" for (n, t), d in store.tags(release.name).items() if d == str(digest)
+        )
+        return ReleaseView(digest, release, tuple(on_it), release.total_size + len(data))
     release = store.load_release(digest)
     with store.engine.connect() as conn:
         tags = tuple(
@@ -158,6 +193,8 @@ def show_blob(store: Store, digest: Digest) -> BlobView:
     info = store.backend.stat(digest)
     if info is None:
         raise BlobNotFound(digest, store.backend.url)
+    if not store.has_index:
+        return BlobView(digest, info.size, None, ())
     with store.engine.connect() as conn:
         kind = conn.execute(select(BlobRow.kind).where(BlobRow.digest == str(digest))).scalar()
         refs = tuple(

@@ -26,7 +26,13 @@ SNIFF_LIMIT = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TagEvent:
-    """One move of a tag: the truth behind tag history (the index row is its copy)."""
+    """One move of a tag: the truth behind tag history (the index row is its copy).
+
+    `previous` is the manifest the tag pointed at before; `previous_event` the digest of the
+    event that set it, so the events of one tag form a chain that history walks from the
+    tag's ref object (artifacts/tagrefs.py) without the index. Events written before the
+    chain existed have no `previous_event`: a walk stops there.
+    """
 
     name: str
     tag: str
@@ -36,6 +42,7 @@ class TagEvent:
     user: str
     host: str
     reason: str
+    previous_event: str | None = None
 
     def to_bytes(self) -> bytes:
         return canonical_json({"mediaType": TAG_EVENT_MEDIA_TYPE, **asdict(self)})
@@ -57,6 +64,7 @@ class TagEvent:
             user=r.get("user", str, required=False) or "",
             host=r.get("host", str, required=False) or "",
             reason=r.get("reason", str, required=False) or "",
+            previous_event=r.get("previous_event", str, required=False),
         )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, select
 
 from artifacts.backends import BlobBackend, BlobInfo
-from artifacts.config import resolve_index_url, resolve_store_url
+from artifacts.config import default_index_url, resolve_index_url, resolve_store_url
 from artifacts.digest import Digest
 from artifacts.errors import (
     ArtifactError,
@@ -116,6 +116,11 @@ def reindex(
     url = resolve_store_url(store_url)
     backend = open_backend(url, create=False)
     index = resolve_index_url(url, index_url)
+    path = _sqlite_path(index)
+    if path is not None and path != _sqlite_path(default_index_url(url)):
+        from artifacts.index.reader import refuse_foreign  # noqa: PLC0415
+
+        refuse_foreign(path)  # a file at Kiln's own default path is Kiln's to rebuild
     engine = make_engine(index)
     try:
         try:

@@ -2,6 +2,12 @@
 
 Write order is always blob, then index row, then tag, so an interruption never leaves a row
 or a tag pointing at a missing blob.
+
+Each tag is also a ref object beside the blobs (artifacts/tagrefs.py, which says how the ref
+object and the index agree during a move). Reading a release never needs the index: a Store
+opened for reading (`create=False`) without a usable index resolves tags from the ref
+objects, reads history by walking the tag-event chain, and lists the tagged releases; what
+truly needs the index (writes, stats, gc, leases) raises `IndexRequired` in one line.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import difflib
 import getpass
 import io
+import json
 import socket
 import time
 from collections.abc import Iterable
@@ -18,11 +25,14 @@ from typing import IO
 from sqlalchemy import Engine, select
 
 from artifacts.backends import BlobBackend, PutResult, open_backend
-from artifacts.config import resolve_index_url, resolve_store_url
+from artifacts.config import INDEX_ENV, resolve_index_url, resolve_store_url
 from artifacts.digest import Digest
 from artifacts.errors import (
     AmbiguousReference,
+    ArtifactError,
     BlobNotFound,
+    IndexRequired,
+    InvalidManifest,
     InvalidReference,
     ReferenceNotFound,
 )
@@ -32,6 +42,7 @@ from artifacts.index.models import BlobRow, ManifestBlobRow, ManifestRow, TagHis
 from artifacts.manifest import Release
 from artifacts.records import TagEvent
 from artifacts.refs import Reference, TagName, parse_reference, parse_tag_name
+from artifacts.tagrefs import TagRef, has_refs, list_tag_refs, read_tag_ref, write_tag_ref
 
 PUT_ATTEMPTS = 3
 
@@ -58,27 +69,71 @@ class TagMove:
 
 
 class Store:
-    """A blob backend plus its SQL index."""
+    """A blob backend plus its SQL index (absent in a reader that has none: `engine` then
+    raises IndexRequired, and reads go to the ref objects and blobs)."""
 
-    def __init__(self, backend: BlobBackend, engine: Engine, index_url: str) -> None:
+    def __init__(
+        self,
+        backend: BlobBackend,
+        engine: Engine | None,
+        index_url: str,
+        index_problem: str = "",
+    ) -> None:
         self.backend = backend
-        self.engine = engine
+        self._engine = engine
         self.index_url = index_url
+        self.index_problem = index_problem or "no index is open"
 
     @classmethod
     def open(
         cls, store_url: str | None = None, index_url: str | None = None, create: bool = True
     ) -> Store:
-        """Open (creating if needed) the store at `store_url` with its index."""
+        """Open the store at `store_url` with its index. A writer (`create`) creates both as
+        needed; a reader creates nothing and goes without an index it cannot use
+        (artifacts/index/reader.py)."""
         url = resolve_store_url(store_url)
         backend = open_backend(url, create=create)
         index = resolve_index_url(url, index_url)
+        if not create:
+            from artifacts.index.reader import open_for_reading  # noqa: PLC0415
+
+            engine, problem = open_for_reading(index)
+            return cls(backend, engine, index, problem)
         engine = make_engine(index)
         ensure_schema(engine, index)
         return cls(backend, engine, index)
 
+    @property
+    def engine(self) -> Engine:
+        """The index's engine; IndexRequired when this store was opened without one."""
+        return self.require_index("this command")
+
+    @property
+    def has_index(self) -> bool:
+        return self._engine is not None
+
+    def require_index(self, purpose: str) -> Engine:
+        """The engine, or IndexRequired naming `purpose` and why there is no index."""
+        if self._engine is None:
+            hint = (
+                "check that it is reachable"
+                if "unreachable" in self.index_problem
+                else f"pass --index URL or set {INDEX_ENV}"
+            )
+            raise IndexRequired(
+                f"{purpose} needs the store's SQL index, and {self.index_problem}; {hint}"
+                " (reading releases and tags works without one)"
+            )
+        return self._engine
+
+    def probe(self) -> None:
+        """Read one listing page of the backend, so a missing bucket, denied credentials or an
+        unreachable endpoint is reported before a missing index is."""
+        next(iter(self.backend.iter_blobs()), None)
+
     def close(self) -> None:
-        self.engine.dispose()
+        if self._engine is not None:
+            self._engine.dispose()
 
     def __enter__(self) -> Store:
         return self
@@ -96,10 +151,11 @@ class Store:
         refreshes its age: a `kiln gc` sweeping at the same moment either spares the blob or
         had already deleted it, and then a seekable stream is stored again.
         """
+        engine = self.require_index("writing to the store")
         start = stream.tell() if getattr(stream, "seekable", bool)() else None
         for _ in range(PUT_ATTEMPTS):
             result = self.backend.put(stream, expected)
-            with write_transaction(self.engine) as conn:
+            with write_transaction(engine) as conn:
                 if self.backend.stat(result.digest) is not None:
                     ops.record_blob(conn, str(result.digest), result.size, kind)
                     return result
@@ -147,11 +203,12 @@ class Store:
         so refreshes its blobs' ages): gc's sweep, which deletes under the same lock, either
         sees the release or has already deleted a blob, and then this fails naming it.
         """
+        engine = self.require_index("storing a release")
         self._check_blobs(release)
         data = release.to_bytes()
         for _ in range(PUT_ATTEMPTS):
             result = self.backend.put(io.BytesIO(data))
-            with write_transaction(self.engine) as conn:
+            with write_transaction(engine) as conn:
                 if self.backend.stat(result.digest) is None:
                     continue
                 self._check_blobs(release)
@@ -208,22 +265,26 @@ class Store:
 
     # -- references --------------------------------------------------------------------------
     def resolve(self, text: str) -> Resolved:
-        """Resolve a release reference to a manifest digest (errors list close matches)."""
+        """Resolve a release reference to a manifest digest (errors list close matches).
+
+        A tag resolves from its ref object (one read of the store; the index is only consulted
+        for tags written before ref objects existed), so a host needs no index to deploy."""
         ref = parse_reference(text)
-        with self.engine.connect() as conn:
-            if ref.tag is not None:
-                row = conn.execute(
-                    select(TagRow.digest).where(TagRow.name == ref.name, TagRow.tag == ref.tag)
-                ).first()
-                if row is None:
-                    raise ReferenceNotFound(self._not_found_message(conn, ref))
-                return Resolved(Digest.parse(row[0]), ref.name, ref.tag)
+        if ref.tag is not None:
+            assert ref.name is not None
+            digest = self.read_tag(ref.name, ref.tag)
+            if digest is None:
+                raise ReferenceNotFound(self._not_found_message(ref))
+            return Resolved(Digest.parse(digest), ref.name, ref.tag)
+        if self._engine is None:
+            return self._resolve_without_index(ref)
+        with self._engine.connect() as conn:
             if ref.digest is not None:
                 row = conn.execute(
                     select(ManifestRow.name).where(ManifestRow.digest == str(ref.digest))
                 ).first()
                 if row is None or (ref.name is not None and row[0] != ref.name):
-                    raise ReferenceNotFound(self._not_found_message(conn, ref))
+                    raise ReferenceNotFound(self._not_found_message(ref))
                 return Resolved(ref.digest, row[0])
             assert ref.prefix is not None
             rows = conn.execute(
@@ -231,24 +292,46 @@ class Store:
                 .where(ManifestRow.digest.like(f"sha256:{ref.prefix}%"))
                 .limit(10)
             ).all()
-            if not rows:
-                raise ReferenceNotFound(self._not_found_message(conn, ref))
-            if len(rows) > 1:
-                listed = ", ".join(f"{r[1]}@{Digest.parse(r[0]).short}" for r in rows)
-                raise AmbiguousReference(
-                    f"digest prefix {ref.prefix!r} matches several releases: {listed};"
-                    " give more digits"
-                )
-            return Resolved(Digest.parse(rows[0][0]), rows[0][1])
+        return self._one_match(ref, [(r[0], r[1]) for r in rows])
+
+    def _one_match(self, ref: Reference, rows: list[tuple[str, str]]) -> Resolved:
+        if not rows:
+            raise ReferenceNotFound(self._not_found_message(ref))
+        if len(rows) > 1:
+            listed = ", ".join(f"{n}@{Digest.parse(d).short}" for d, n in rows)
+            raise AmbiguousReference(
+                f"digest prefix {ref.prefix!r} matches several releases: {listed};"
+                " give more digits"
+            )
+        return Resolved(Digest.parse(rows[0][0]), rows[0][1])
+
+    def _resolve_without_index(self, ref: Reference) -> Resolved:
+        """A digest from the manifest blob itself; a prefix among the tagged releases."""
+        if ref.digest is not None:
+            try:
+                release = self.load_release(ref.digest)
+            except (BlobNotFound, InvalidManifest):
+                raise ReferenceNotFound(self._not_found_message(ref)) from None
+            if ref.name is not None and release.name != ref.name:
+                raise ReferenceNotFound(self._not_found_message(ref))
+            return Resolved(ref.digest, release.name)
+        matches = sorted(
+            {
+                (r.digest, r.name)
+                for r in self.tag_refs()
+                if r.digest.startswith(f"sha256:{ref.prefix}")
+            }
+        )
+        return self._one_match(ref, matches)
 
     def resolve_blob(self, text: str) -> Digest:
         """A full digest or unique prefix of any blob (not only releases)."""
         ref = parse_reference(text)
         if ref.digest is not None and ref.name is None:
             return ref.digest
-        if ref.prefix is None:
+        if ref.prefix is None or self._engine is None:
             return self.resolve(text).digest
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             rows = conn.execute(
                 select(BlobRow.digest).where(BlobRow.digest.like(f"sha256:{ref.prefix}%")).limit(3)
             ).all()
@@ -258,8 +341,8 @@ class Store:
             raise AmbiguousReference(f"digest prefix {ref.prefix!r} matches several blobs")
         raise ReferenceNotFound(f"no blob or release matches {text!r}")
 
-    def _not_found_message(self, conn, ref: Reference) -> str:  # type: ignore[no-untyped-def]
-        candidates = [f"{n}:{t}" for n, t in conn.execute(select(TagRow.name, TagRow.tag)).all()]
+    def _not_found_message(self, ref: Reference) -> str:
+        candidates = sorted({f"{n}:{t}" for n, t in self.tags()})
         if ref.tag is not None:
             probe = f"{ref.name}:{ref.tag}"
             close = difflib.get_close_matches(probe, candidates, n=5, cutoff=0.4)
@@ -271,8 +354,40 @@ class Store:
         if close:
             return f"{message}; closest: {', '.join(close[:5])}"
         if candidates:
-            return f"{message}; existing tags: {', '.join(sorted(candidates)[:5])}"
-        return f"{message}; the store has no tags yet"
+            return f"{message}; existing tags: {', '.join(candidates[:5])}"
+        return f"{message}; the store {self.backend.url} has no tags yet"
+
+    # -- tag reads (ref objects first; the index only for tags older than ref objects) -------
+    def read_tag(self, name: str, tag: str) -> str | None:
+        """The manifest digest `name:tag` points at, or None."""
+        if has_refs(self.backend):
+            ref = read_tag_ref(self.backend, name, tag)  # type: ignore[arg-type]
+            if ref is not None:
+                return ref.digest
+        if self._engine is None:
+            return None
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(TagRow.digest).where(TagRow.name == name, TagRow.tag == tag)
+            ).first()
+        return row[0] if row else None
+
+    def tag_refs(self, name: str | None = None) -> list[TagRef]:
+        """The ref objects in the store (of one model when `name` is given)."""
+        if not has_refs(self.backend):
+            return []
+        return list_tag_refs(self.backend, name)  # type: ignore[arg-type]
+
+    def tags(self, name: str | None = None) -> dict[tuple[str, str], str]:
+        """(name, tag) -> manifest digest: the index's rows when there is an index (fast),
+        the ref objects when there is not."""
+        if self._engine is None:
+            return {(r.name, r.tag): r.digest for r in self.tag_refs(name)}
+        query = select(TagRow.name, TagRow.tag, TagRow.digest)
+        if name is not None:
+            query = query.where(TagRow.name == name)
+        with self._engine.connect() as conn:
+            return {(n, t): d for n, t, d in conn.execute(query)}
 
     # -- tags --------------------------------------------------------------------------------
     def tag(self, source: str, destination: str, reason: str = "") -> TagMove:
@@ -282,9 +397,12 @@ class Store:
         return self.move_tag(dest, target, reason)
 
     def move_tag(self, dest: TagName, digest: Digest, reason: str = "") -> TagMove:
-        """Move a tag under the write lock; the release is checked under it too, so a gc
-        sweep either sees the new tag or has already deleted the release (and this fails)."""
-        with write_transaction(self.engine) as conn:
+        """Point `dest` at `digest`: tag-event blob, index rows, ref object, commit, all under
+        the index's write lock and its lock on this tag (artifacts/tagrefs.py says what
+        readers see). The release is checked under the lock too, so a gc sweep either sees the
+        new tag or has already deleted the release (and this fails)."""
+        engine = self.require_index(f"moving tag {dest}")
+        with write_transaction(engine) as conn:
             ops.lock_key(conn, f"tag:{dest}")
             if (
                 conn.execute(
@@ -293,41 +411,95 @@ class Store:
                 is None
             ):
                 raise InvalidReference(f"{digest} is not a release manifest in this store")
-            row = conn.execute(
-                select(TagRow.digest).where(TagRow.name == dest.name, TagRow.tag == dest.tag)
-            ).first()
+            previous, previous_event = self._tag_head(conn, dest)
             event = TagEvent(
                 name=dest.name,
                 tag=dest.tag,
                 digest=str(digest),
-                previous=row[0] if row else None,
+                previous=previous,
                 at=time.time(),
                 user=_user(),
                 host=socket.gethostname(),
                 reason=reason,
+                previous_event=previous_event,
             )
             put = self.backend.put(io.BytesIO(event.to_bytes()))
             ops.record_blob(conn, str(put.digest), put.size, "tag-event")
             apply_tag_event(conn, event, str(put.digest))
+            if has_refs(self.backend):
+                write_tag_ref(
+                    self.backend,  # type: ignore[arg-type]
+                    TagRef(dest.name, dest.tag, str(digest), str(put.digest), event.at),
+                )
         return TagMove(**{k: getattr(event, k) for k in TagMove.__dataclass_fields__})
 
+    def _tag_head(self, conn, dest: TagName) -> tuple[str | None, str | None]:  # type: ignore[no-untyped-def]
+        """(manifest, event) the tag points at now: the ref object is the truth; the index
+        answers for a tag that has none yet (tagged before ref objects existed)."""
+        if has_refs(self.backend):
+            ref = read_tag_ref(self.backend, dest.name, dest.tag)  # type: ignore[arg-type]
+            if ref is not None:
+                return ref.digest, ref.event
+        row = conn.execute(
+            select(TagRow.digest).where(TagRow.name == dest.name, TagRow.tag == dest.tag)
+        ).first()
+        if row is None:
+            return None, None
+        table = TagHistoryRow.__table__
+        last = conn.execute(
+            select(table.c.event_digest)  # type: ignore[arg-type]
+            .where(table.c.name == dest.name, table.c.tag == dest.tag)
+            .order_by(table.c.id.desc())
+            .limit(1)
+        ).scalar()
+        return row[0], last
+
     def history(self, name_tag: str) -> list[TagMove]:
+        """Every move of a tag, newest first: from the index when it agrees with the ref
+        object, else by walking the tag-event chain from the ref object (store alone)."""
         dest = parse_tag_name(name_tag)
-        with self.engine.connect() as conn:
-            table = TagHistoryRow.__table__
-            rows = conn.execute(
-                select(table)  # type: ignore[arg-type]
-                .where(table.c.name == dest.name, table.c.tag == dest.tag)
-                .order_by(table.c.id.desc())  # insertion order: written under the tag lock
-            ).all()
-            if not rows:
-                raise ReferenceNotFound(
-                    self._not_found_message(conn, Reference(name_tag, name=dest.name, tag=dest.tag))
-                )
-        return [
-            TagMove(r.name, r.tag, r.digest, r.previous_digest, r.at, r.user, r.host, r.reason)
-            for r in rows
-        ]
+        ref = None
+        if has_refs(self.backend):
+            ref = read_tag_ref(self.backend, dest.name, dest.tag)  # type: ignore[arg-type]
+        if self._engine is not None:
+            with self._engine.connect() as conn:
+                table = TagHistoryRow.__table__
+                rows = conn.execute(
+                    select(table)  # type: ignore[arg-type]
+                    .where(table.c.name == dest.name, table.c.tag == dest.tag)
+                    .order_by(table.c.id.desc())  # insertion order: written under the tag lock
+                ).all()
+            if rows and (ref is None or rows[0].event_digest == ref.event):
+                return [
+                    TagMove(
+                        r.name, r.tag, r.digest, r.previous_digest, r.at, r.user, r.host, r.reason
+                    )
+                    for r in rows
+                ]
+        if ref is None:
+            raise ReferenceNotFound(
+                self._not_found_message(Reference(name_tag, name=dest.name, tag=dest.tag))
+            )
+        return self._walk_history(ref)
+
+    def _walk_history(self, ref: TagRef) -> list[TagMove]:
+        moves: list[TagMove] = []
+        seen: set[str] = set()
+        event_digest = ref.event
+        while event_digest is not None and event_digest not in seen:
+            seen.add(event_digest)
+            try:
+                data = self.read_bytes(Digest.parse(event_digest))
+                event = TagEvent.from_json(json.loads(data), f"tag event {event_digest}")
+            except BlobNotFound:
+                break  # collected, or from a store copied without its history
+            except (ValueError, ArtifactError) as exc:
+                raise InvalidManifest(
+                    f"tag event {event_digest} of {ref.name}:{ref.tag}: {exc}"
+                ) from None
+            moves.append(TagMove(**{k: getattr(event, k) for k in TagMove.__dataclass_fields__}))
+            event_digest = event.previous_event
+        return moves
 
 
 def apply_tag_event(conn, event: TagEvent, event_digest: str) -> None:  # type: ignore[no-untyped-def]

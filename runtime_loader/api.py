@@ -130,8 +130,13 @@ def load(
     if offline:
         digest, release = _offline_release(ref, cache)
     else:
-        opened, release, _ = resolve_and_pull(ref, store, cache, index, workers, target=target)
-        digest = Digest.parse(str(opened.resolve(ref).digest))
+        # The digest the pull resolved: resolving again could see a tag that moved since.
+        opened, release, report = resolve_and_pull(
+            ref, store, cache, index, workers, target=target
+        )
+        digest = Digest.parse(report.digest)
+        if opened is not store:
+            opened.close()  # its index is not needed again (a refetch reads only blobs)
 
         def refetch(bad: Digest) -> None:
             with opened.open_blob(bad) as reader:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import mmap
 import os
 import time
@@ -23,6 +24,8 @@ from artifacts.refs import DEFAULT_TAG, parse_tag_name
 from runtime_loader.errors import CacheFull, LoaderError
 
 CHUNK = 8 << 20
+
+log = logging.getLogger("kiln")
 
 
 def default_cache_dir() -> Path:
@@ -41,6 +44,7 @@ class LocalCache:
         self.root = Path(root) if root else default_cache_dir()
         self.backend = LocalBlobBackend(self.root)
         self.refs = self.root / "refs"
+        self._warned = False
 
     def has(self, digest: Digest) -> bool:
         return self.backend.has(digest)
@@ -77,21 +81,37 @@ class LocalCache:
     def discard(self, digest: Digest) -> None:
         self.backend.delete(digest)
 
-    def record_ref(self, ref: str, digest: Digest, store: str) -> None:
+    def record_ref(self, ref: str, digest: Digest, store: str) -> bool:
+        """Remember where `ref` resolved, for offline loads. A cache this process cannot
+        write (a read-only mount, a shared cache owned by another user) still serves loads:
+        the ref is then not recorded, with one warning per cache, and False is returned."""
         path = self._ref_path(ref)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"digest": str(digest), "store": store, "at": time.time()}))
             os.replace(tmp, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             if exc.errno == errno.ENOSPC:
                 raise CacheFull(
                     f"the cache {self.root} ran out of space recording {ref} -> {digest}:"
                     " make room (kiln cache prune --max-size SIZE) or use a larger disk"
                 ) from None
-            raise
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "kiln: warning: cannot record %s in the cache %s (%s); loads work, but"
+                    " an offline load will not know this tag",
+                    ref,
+                    self.root,
+                    exc.strerror or exc,
+                )
+            return False
+        return True
 
     def lookup_ref(self, ref: str) -> Digest | None:
         try:

@@ -83,6 +83,7 @@ class SeaweedServer:
     root: Path
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()  # e.g. ("-s3.config=identities.json",)
 
     @property
     def endpoint(self) -> str:
@@ -134,6 +135,7 @@ class SeaweedServer:
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
+            *self.extra_args,
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - the child keeps it

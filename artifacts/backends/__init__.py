@@ -37,6 +37,8 @@ def open_backend(url: str, create: bool = True) -> BlobBackend:
 def _local(path: str, create: bool) -> BlobBackend:
     from artifacts.backends.local import LocalBlobBackend  # noqa: PLC0415
 
+    if not path:
+        raise StoreConfigError("store URL 'file://' has no path: use file:///PATH or a path")
     root = Path(path).expanduser()
     if root.exists() and not root.is_dir():
         raise StoreConfigError(f"store path {root} exists and is not a folder")

@@ -21,6 +21,7 @@ from artifacts.errors import (
 )
 
 TEMP_SUFFIX = ".incomplete"
+REFS_DIR = "refs"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,6 +40,7 @@ class LocalBlobBackend:
         self.url = str(self.root)
         self.blob_root = self.root / "blobs" / ALGORITHM
         self.tmp_root = self.root / "tmp"
+        self.ref_root = self.root / REFS_DIR
         if create:
             try:
                 self.blob_root.mkdir(parents=True, exist_ok=True)
@@ -169,6 +171,56 @@ class LocalBlobBackend:
                 removed += 1
         return removed
 
+    # -- ref objects: small named files beside the blobs (artifacts/tagrefs.py) -----------
+    def ref_location(self, key: str) -> str:
+        return str(self.ref_root / key)
+
+    def read_ref(self, key: str) -> bytes | None:
+        """The bytes of ref object `key` (`name/tag`), or None if there is none."""
+        try:
+            return (self.ref_root / key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def write_ref(self, key: str, data: bytes) -> None:
+        """Replace ref object `key` atomically: temp file, fsync, rename, fsync the folder.
+        A reader sees the old bytes or the new, never a mix."""
+        final = self.ref_root / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_root.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_root, suffix=TEMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, final)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+
+    def delete_ref(self, key: str) -> bool:
+        try:
+            (self.ref_root / key).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def iter_refs(self, prefix: str = "") -> Iterator[str]:
+        """Keys of the ref objects whose key starts with `prefix` (a `name/` lists one name)."""
+        start = self.ref_root / prefix.rpartition("/")[0] if "/" in prefix else self.ref_root
+        if not start.is_dir():
+            return
+        for folder, dirs, files in os.walk(start):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for file in sorted(files):
+                if file.startswith("."):
+                    continue
+                key = str(Path(folder, file).relative_to(self.ref_root))
+                if key.startswith(prefix):
+                    yield key
 
 def _write_all(out: IO[bytes], chunk: memoryview) -> None:
     """An unbuffered write may be short (a disk that is nearly full takes what fits and

@@ -83,6 +83,7 @@ MAX_PARTS = 10_000
 _PART_SIZE_DOUBLING = 1_000  # unknown-length streams: double the part size every 1000 parts
 _STREAM_ATTEMPTS = 3  # re-requests of a range whose body broke off mid-transfer
 TEMP_DIR = "tmp"
+REFS_DIR = "refs"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _DENIED = frozenset(
     {
@@ -183,6 +184,7 @@ class S3BlobBackend:
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._root = f"{self.prefix}/" if self.prefix else ""
         self._blob_prefix = f"{self._root}blobs/{ALGORITHM}/"
+        self._ref_prefix = f"{self._root}{REFS_DIR}/"
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.workers = max(1, workers)
@@ -555,6 +557,60 @@ class S3BlobBackend:
                     self._abort(upload["Key"], upload["UploadId"])
                     removed += 1
         return removed
+
+    # -- ref objects: small named objects beside the blobs (artifacts/tagrefs.py) --------
+    def ref_location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._ref_prefix}{key}"
+
+    def read_ref(self, key: str) -> bytes | None:
+        """The bytes of ref object `key` (`name/tag`, one GET), or None if there is none."""
+        full = f"{self._ref_prefix}{key}"
+        try:
+            response = self._call(
+                full,
+                "GET",
+                lambda: self.client.get_object(Bucket=self.bucket, Key=full),
+                expect=(404,),
+            )
+        except _Status:
+            self._check_bucket()
+            return None
+        try:
+            return bytes(response["Body"].read())
+        except _NETWORK_ERRORS as exc:
+            raise self._unreachable(exc, full, "GET") from exc
+
+    def write_ref(self, key: str, data: bytes) -> None:
+        """Replace ref object `key` with one PutObject: readers get the old or the new object
+        whole, never a mix (S3 writes are atomic per object)."""
+        self._check_bucket()
+        full = f"{self._ref_prefix}{key}"
+        self._call(
+            full,
+            "PUT",
+            lambda: self.client.put_object(
+                Bucket=self.bucket, Key=full, Body=data, ContentType="application/json"
+            ),
+        )
+
+    def delete_ref(self, key: str) -> bool:
+        full = f"{self._ref_prefix}{key}"
+        if self.read_ref(key) is None:
+            return False
+        self._call(full, "DELETE", lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
+        return True
+
+    def iter_refs(self, prefix: str = "") -> Iterator[str]:
+        """Keys of the ref objects whose key starts with `prefix`, in key order."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        listed = f"{self._ref_prefix}{prefix}"
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=listed))
+        while True:
+            page = self._call(listed, "LIST", lambda: next(pages, None))
+            if page is None:
+                return
+            for item in page.get("Contents", ()):
+                yield item["Key"][len(self._ref_prefix) :]
 
     # -- plumbing ----------------------------------------------------------------------------
     def _executor(self) -> ThreadPoolExecutor:
