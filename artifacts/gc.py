@@ -24,6 +24,8 @@ from typing import Any
 from sqlalchemy import Connection, delete, select
 
 from artifacts.backends import BlobInfo
+from artifacts.digest import Digest
+from artifacts.errors import ArtifactError
 from artifacts.index.db import write_transaction
 from artifacts.index.models import (
     BlobRow,
@@ -90,10 +92,11 @@ def plan_gc(store: Store, policy: GcPolicy = GcPolicy(), now: float | None = Non
     now = time.time() if now is None else now
     with store.engine.connect() as conn:
         marks = _mark(conn, policy, now)
+    marked = marks.marked | _ref_marks(store)
     delete_list: list[BlobInfo] = []
     kept = kept_bytes = 0
     for info in store.backend.iter_blobs():
-        if str(info.digest) in marks.marked or _young(store, info, now - policy.min_age_s):
+        if str(info.digest) in marked or _young(store, info, now - policy.min_age_s):
             kept += 1
             kept_bytes += info.size
         else:
@@ -106,6 +109,21 @@ def plan_gc(store: Store, policy: GcPolicy = GcPolicy(), now: float | None = Non
         kept_bytes,
         policy,
     )
+
+
+def _ref_marks(store: Store) -> set[str]:
+    """What the store's ref objects reach: each tag's release and its blobs, and the tag
+    event. A ref is the truth for readers, and after a crash between writing a ref and
+    committing its index rows it is ahead of the index, so it is a root of its own."""
+    marked: set[str] = set()
+    for ref in store.tag_refs():
+        marked.update(d for d in (ref.digest, ref.event) if d)
+        try:
+            release = store.load_release(Digest.parse(ref.digest))
+        except ArtifactError:
+            continue  # a release already gone: `kiln verify` names the dangling tag
+        marked.update(str(blob.digest) for _, blob in release.blob_refs())
+    return marked
 
 
 def _mark(conn: Connection, policy: GcPolicy, now: float) -> _Marks:
@@ -248,10 +266,12 @@ def _unindex(
     with write_transaction(store.engine, exclusive=True) as conn:
         now = time.time()
         marks = _mark(conn, policy, now)
+        by_ref = _ref_marks(store)
         doomed = tuple(
             b
             for b in batch
             if str(b.digest) not in marks.marked
+            and str(b.digest) not in by_ref
             and not _young(store, b, now - policy.min_age_s)
         )
         ids = sorted(compilations & set(marks.swept_compilations))
