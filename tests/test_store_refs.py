@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,26 @@ def test_read_commands_leave_empty_and_foreign_index_files_untouched(
     with pytest.raises(StoreIndexError, match="not a Kiln index"):
         Store.open(str(store_dir), f"sqlite:///{foreign}", create=False)
     assert digests
+
+
+def test_gc_keeps_what_a_ref_object_reaches_when_the_index_lags(store_dir: Path) -> None:
+    """A crash between writing a ref object and committing its index rows leaves the ref
+    ahead of the index: gc must still keep the release the ref names, and its blobs."""
+    from artifacts.gc import GcPolicy, execute_gc, plan_gc  # noqa: PLC0415
+    from artifacts.tagrefs import TagRef, write_tag_ref  # noqa: PLC0415
+
+    with Store.open(str(store_dir)) as store:
+        kept = store.put_release(build_release(store, weights=b"kept by its ref"))
+        dropped = store.put_release(build_release(store, seqs=(16,), weights=b"garbage"))
+        write_tag_ref(
+            LocalBlobBackend(store_dir, create=False), TagRef("m", "prod", str(kept), None, 0.0)
+        )
+        policy = GcPolicy(history_grace_s=0, run_grace_s=0, min_age_s=0)
+        plan = plan_gc(store, policy, now=time.time() + 10)
+        doomed = {str(b.digest) for b in plan.delete}
+        assert str(kept) not in doomed and str(dropped) in doomed
+        execute_gc(store, plan)
+        release = store.load_release(kept)
+        for _, blob in release.blob_refs():
+            assert store.read_bytes(blob.digest)
+        assert not store.has_blob(dropped)
