@@ -112,6 +112,13 @@ def plan_command(
     help="Like --shard I/N with I from JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX.",
 )
 @click.option("--no-publish", is_flag=True, help="Compile and record; tag no releases.")
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Bound the estimated memory of the compiles running at once (e.g. 16G); default:"
+    " the spec's defaults.max_memory, else unbounded.",
+)
 @store_options
 @json_option
 def compile_command(
@@ -126,6 +133,7 @@ def compile_command(
     shard: str | None,
     shard_count: int | None,
     no_publish: bool,
+    max_memory: str | None,
     store_url: str | None,
     index_url: str | None,
     as_json: bool,
@@ -148,7 +156,16 @@ def compile_command(
         part = resolve_shard(shard, shard_count, os.environ)
     except ShardError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard/--shard-count") from None
+    budget = None
+    if max_memory is not None:
+        from pipeline.compile_budget import parse_size  # noqa: PLC0415
+
+        try:
+            budget = parse_size(max_memory)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-memory") from None
     spec = load_spec(spec_path)
+    budget = budget if budget is not None else spec.max_memory
     with sigterm_interrupts(), open_store(store_url, index_url) as store:
         plans = plan_spec(spec, store, backend, _flags(flags))
         if part is not None:
@@ -165,6 +182,7 @@ def compile_command(
                     timeout=timeout,
                     retry_failed=not no_retry_failed,
                     publish=not no_publish and part is None,
+                    max_memory=budget,
                 ),
                 progress=None if as_json else _progress,
             )

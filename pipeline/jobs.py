@@ -37,6 +37,7 @@ class GraphJob:
     compiler_version: str
     dtype: str
     direct_key: str
+    architecture: str = ""  # the model's architecture digest (memory estimates by history)
 
     @property
     def label(self) -> str:
@@ -154,6 +155,7 @@ def plan_model(
                     version or "missing",
                     model.dtype,
                     key,
+                    arch,
                 )
                 plan.jobs.append(job)
                 if version is None:

@@ -14,7 +14,8 @@ from artifacts.digest import canonical_json
 
 KEY_SCHEMA = 1
 # Bumped whenever the code that wraps a model for tracing changes what is traced.
-GRAPH_BUILDER_VERSION = "1"
+# 2: Linear weights stored and traced [in, out] (pipeline.layout).
+GRAPH_BUILDER_VERSION = "2"
 
 # Config fields that do not change the computation of a graph.
 NON_ARCHITECTURAL_FIELDS = frozenset(

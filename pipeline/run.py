@@ -109,6 +109,7 @@ class RunOptions:
     timeout: float = 3600.0
     retry_failed: bool = True
     publish: bool = True
+    max_memory: int | None = None  # bytes the compiles in flight may use together (estimated)
 
 
 class Runner:
@@ -135,6 +136,10 @@ class Runner:
         # hlo_key -> traced jobs waiting on a compile of the same HLO already in flight
         # (e.g. two models of one architecture in a spec): compile once, share the result.
         self._waiting: dict[str, list[TracedJob]] = {}
+        # --max-memory admission: compiles waiting for budget, estimates of those in flight
+        self._queued: list[tuple[TracedJob, int]] = []
+        self._in_flight: dict[str, int] = {}
+        self._pending: dict[Future, tuple[str, Any]] = {}
 
     def _finish(self, item: ItemResult) -> None:
         self.report.items.append(item)
@@ -190,7 +195,7 @@ class Runner:
             return None
 
     def _run(self) -> None:
-        pending: dict[Future, tuple[str, Any]] = {}
+        pending = self._pending
         for plan in self.plans:
             for job, message in plan.unavailable.items():
                 self._finish(ItemResult(job, FAILED, error=message))
@@ -255,12 +260,53 @@ class Runner:
                         )
                     )
                     continue
-            future = self._submit(compile_graph, *self.urls, traced, self.options.timeout)
             self._waiting[traced.hlo_key] = []
-            if future is None:
-                self._compile_failed(traced, self._worker_failed(BrokenProcessPool(), "compile"))
-                continue
-            pending[future] = ("compile", traced)
+            self._admit(traced)
+
+    def _admit(self, traced: TracedJob) -> None:
+        """Submit a compile now, or queue it until the memory budget has room for it; a graph
+        whose estimate exceeds the whole budget fails with a one-line error."""
+        budget = self.options.max_memory
+        if budget is None:
+            self._submit_compile(traced, 0)
+            return
+        from pipeline.compile_budget import compile_estimate, human  # noqa: PLC0415
+
+        estimate = compile_estimate(self.store, traced.job, traced.hlo_size, traced.signature)
+        if estimate > budget:
+            job = traced.job
+            error = (
+                f"model {job.model} graph {job.graph_kind} {job.bucket.label} ({job.target}):"
+                f" estimated compile memory {human(estimate)} exceeds --max-memory"
+                f" {human(budget)}"
+            )
+            self._finish(
+                ItemResult(
+                    job, FAILED, hlo_key=traced.hlo_key, trace_seconds=traced.trace_seconds,
+                    error=error,
+                )
+            )
+            self._release_waiting(traced, error)
+            return
+        self._queued.append((traced, estimate))
+        self._drain_queue()
+
+    def _drain_queue(self) -> None:
+        budget = self.options.max_memory or 0
+        while self._queued:
+            traced, estimate = self._queued[0]
+            if self._in_flight and sum(self._in_flight.values()) + estimate > budget:
+                return
+            self._queued.pop(0)
+            self._submit_compile(traced, estimate)
+
+    def _submit_compile(self, traced: TracedJob, estimate: int) -> None:
+        future = self._submit(compile_graph, *self.urls, traced, self.options.timeout)
+        if future is None:
+            self._compile_failed(traced, self._worker_failed(BrokenProcessPool(), "compile"))
+            return
+        self._pending[future] = ("compile", traced)
+        self._in_flight[traced.hlo_key] = estimate
 
     def _hlo_hit(self, traced: TracedJob, hit: CompiledGraph) -> None:
         from artifacts.index import ops  # noqa: PLC0415
@@ -290,6 +336,13 @@ class Runner:
             )
 
     def _on_compiled(self, future: Future, traced: TracedJob) -> None:  # type: ignore[type-arg]
+        self._in_flight.pop(traced.hlo_key, None)
+        try:
+            self._record_compiled(future, traced)
+        finally:
+            self._drain_queue()
+
+    def _record_compiled(self, future: Future, traced: TracedJob) -> None:  # type: ignore[type-arg]
         try:
             outcome: CompileOutcome = future.result()
         except Exception as exc:  # noqa: BLE001 - e.g. the worker was killed

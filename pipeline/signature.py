@@ -30,26 +30,31 @@ class TensorSpec:
 @dataclass(frozen=True)
 class ParameterSpec:
     """One HLO parameter. ``name`` is the state-dict name for weights, the graph input
-    name for inputs."""
+    name for inputs. ``layout`` (weights only) is how the weight is stored: ``natural`` (as
+    the model holds it) or ``transposed`` (pipeline.layout); ``shape`` is the stored shape."""
 
     index: int
     name: str
     dtype: str
     shape: tuple[int, ...]
     kind: ParameterKind
+    layout: str = "natural"
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"parameter kind must be one of {_KINDS}, got {self.kind!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "index": self.index,
             "name": self.name,
             "dtype": self.dtype,
             "shape": list(self.shape),
             "kind": self.kind,
         }
+        if self.kind == "weight":
+            data["layout"] = self.layout
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ParameterSpec:
@@ -59,6 +64,7 @@ class ParameterSpec:
             dtype=str(data["dtype"]),
             shape=tuple(int(d) for d in data["shape"]),
             kind=data["kind"],
+            layout=str(data.get("layout", "natural")),
         )
 
 

@@ -83,6 +83,7 @@ class Spec:
     path: str
     digest: Digest
     models: tuple[ModelSpec, ...] = field(default=())
+    max_memory: int | None = None  # defaults.max_memory: compile memory budget in bytes
 
 
 class _Path:
@@ -227,9 +228,18 @@ def parse_spec(data: Any, file: str, base: Path | None = None, raw: bytes = b"")
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
         errors.fail("defaults", "must be a mapping")
-    bad_default = set(defaults) - (MODEL_KEYS - {"name", "source"})
+    bad_default = set(defaults) - (MODEL_KEYS - {"name", "source"}) - {"max_memory"}
     if bad_default:
         errors.fail(f"defaults.{sorted(bad_default)[0]}", "unknown key")
+    max_memory = None
+    if defaults.get("max_memory") is not None:
+        from pipeline.compile_budget import parse_size  # noqa: PLC0415
+
+        try:
+            max_memory = parse_size(defaults["max_memory"])
+        except ValueError as exc:
+            errors.fail("defaults.max_memory", str(exc))
+    defaults = {k: v for k, v in defaults.items() if k != "max_memory"}
     models_data = data.get("models")
     if not isinstance(models_data, list) or not models_data:
         errors.fail("models", "must be a non-empty list")
@@ -294,7 +304,7 @@ def parse_spec(data: Any, file: str, base: Path | None = None, raw: bytes = b"")
         models.append(
             ModelSpec(name, source, task, batches, seqs, dtype, targets, flags, tag, tracer)
         )
-    return Spec(file, Digest.of_bytes(raw), tuple(models))
+    return Spec(file, Digest.of_bytes(raw), tuple(models), max_memory)
 
 
 def load_spec(path: Path | str) -> Spec:

@@ -217,6 +217,7 @@ def _compiled_elsewhere(store: Store, traced: TracedJob, after_id: int) -> Compi
 def _compile(store: Store, traced: TracedJob, timeout: float) -> CompileOutcome:
     """Compile one traced graph; store executable, log and a compile record (even on failure)."""
     from pipeline.compile import get_compiler  # noqa: PLC0415
+    from pipeline.compile_budget import PeakRss  # noqa: PLC0415
     from pipeline.errors import CompileError  # noqa: PLC0415
 
     job = traced.job
@@ -226,7 +227,7 @@ def _compile(store: Store, traced: TracedJob, timeout: float) -> CompileOutcome:
     result = error = None
     reason = None
     returncode: int | None = None
-    with tempfile.TemporaryDirectory(prefix="kiln-compile-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="kiln-compile-") as workdir, PeakRss() as peak:
         try:
             result = compiler.compile(hlo, job.target, job.flags, Path(workdir), timeout)
             log = result.log
@@ -256,7 +257,15 @@ def _compile(store: Store, traced: TracedJob, timeout: float) -> CompileOutcome:
         "error": error,
         "reason": reason,
         "created_at": time.time(),
-        "provenance": {"host": socket.gethostname(), "pid": os.getpid()},
+        "provenance": {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            # what memory estimates of later compiles of this architecture go by
+            "peak_rss_bytes": peak.peak,
+            "architecture": job.architecture,
+            "graph_kind": job.graph_kind,
+            "bucket": job.bucket_json,
+        },
         "recipe": {"direct_key": job.direct_key, "signature": traced.signature},
     }
     if result is None and job.compiler == "neuronx-cc":

@@ -308,6 +308,7 @@ def _parameter_specs(
     hlo_params: list[tuple[str, tuple[int, ...]]],
     names_by_id: dict[int, tuple[ParameterKind, str]],
     module_name: str,
+    layouts: dict[str, str],
 ) -> list[ParameterSpec]:
     if len(hlo_params) != len(param_ids):
         raise TraceError(
@@ -324,7 +325,8 @@ def _parameter_specs(
                 "as a buffer or compute it from Python numbers."
             )
         kind, name = names_by_id[tensor_id]
-        specs.append(ParameterSpec(index=index, name=name, dtype=dtype, shape=shape, kind=kind))
+        layout = layouts.get(name, "natural") if kind == "weight" else "natural"
+        specs.append(ParameterSpec(index, name, dtype, shape, kind, layout))
     return specs
 
 
@@ -343,6 +345,8 @@ def trace_graph(
     import torch  # noqa: PLC0415
     import torch_xla  # noqa: PLC0415
     from torch_xla import _XLAC  # noqa: PLC0415
+
+    from pipeline.layout import stored_layouts  # noqa: PLC0415
 
     device = torch_xla.device()
     traced = _module_on_device(module, device).eval()  # ``module`` itself is not touched
@@ -386,7 +390,9 @@ def trace_graph(
     # Device-data nodes come in HLO parameter order; dtypes/shapes from the HLO itself.
     param_ids, _ = _XLAC._get_tensors_xla_device_data_node(outputs)
     hlo_params, hlo_results = _program_shape(hlo_proto)
-    parameters = _parameter_specs(param_ids, hlo_params, names_by_id, type(module).__name__)
+    parameters = _parameter_specs(
+        param_ids, hlo_params, names_by_id, type(module).__name__, stored_layouts(module)
+    )
     output_specs = tuple(
         TensorSpec(name, _dtype_name(t.dtype), tuple(t.shape))
         for name, t in zip(output_names, outputs, strict=True)

@@ -356,7 +356,7 @@ class CausalLM(CompiledModel):
         context = self._execute(
             "context_encoding", bucket, {"input_ids": ids, "attention_mask": mask}, on_device=True
         )
-        logits = np.asarray(context[0].numpy())
+        logits = np.asarray(context[0].numpy(), dtype=np.float32)  # bf16/fp16 logits too
         cache = context[1:]
         names = [t["name"] for t in self.signature("token_generation", bucket)["outputs"]][1:]
         done = np.zeros(len(prompts), dtype=bool)
@@ -382,7 +382,7 @@ class CausalLM(CompiledModel):
                 },
                 on_device=True,
             )
-            logits = np.asarray(outputs[0].numpy())
+            logits = np.asarray(outputs[0].numpy(), dtype=np.float32)
             cache = outputs[1:]
             position = position + 1
 

@@ -115,8 +115,18 @@ def trace_graph(
             f" which leaves {len(free)} for the {len(names)} inputs {names}"
         )
     kinds.update({i: ("input", n) for i, n in zip(free, names, strict=True)})
+    from pipeline.layout import stored_layouts  # noqa: PLC0415
+
+    layouts = stored_layouts(module)
     parameters = tuple(
-        ParameterSpec(index=i, name=kinds[i][1], dtype=d, shape=s, kind=kinds[i][0])
+        ParameterSpec(
+            index=i,
+            name=kinds[i][1],
+            dtype=d,
+            shape=s,
+            kind=kinds[i][0],
+            layout=layouts.get(kinds[i][1], "natural") if kinds[i][0] == "weight" else "natural",
+        )
         for i, (d, s) in enumerate(hlo_params)
     )
     if len(hlo_results) != len(output_names):

@@ -4,6 +4,11 @@ Only numpy and jaxlib's native module are used; jaxlib is imported on first use,
 ``jax`` itself is not imported (jaxlib 0.10's client has no ``buffer_from_pyval``; arrays go
 in and out through DLPack). Executables load only in the jaxlib version that compiled them.
 Outputs are read-only numpy views of the result buffers.
+
+DLPack (jaxlib's and numpy's) has no bfloat16: a bfloat16 array goes up as its uint16 bits
+and a one-op executable (``bitcast_convert``, compiled once per shape) turns it into a
+bfloat16 buffer on the device; a bfloat16 result comes back through jaxlib's own
+device-to-numpy copy (an ml_dtypes array).
 """
 
 from __future__ import annotations
@@ -87,7 +92,14 @@ class DeviceBuffer:
 
     def numpy(self) -> np.ndarray:
         self.array.block_until_ready()
-        return np.from_dlpack(_Capsule(_xla().buffer_to_dlpack_managed_tensor(self.array)))
+        capsule = _xla().buffer_to_dlpack_managed_tensor(self.array)
+        try:
+            return np.from_dlpack(_Capsule(capsule))
+        except (RuntimeError, BufferError, TypeError):  # e.g. bfloat16: not in numpy's DLPack
+            del capsule
+            with _jax_import_blocked():
+                array, _ = self.array._single_device_array_to_np_array_did_copy()
+            return array
 
 
 class _Capsule:
@@ -105,22 +117,60 @@ class _Capsule:
         return (self._KDL_CPU, 0)
 
 
+_BITCASTS: dict[tuple[int, ...], Any] = {}
+
+
+def _bfloat16() -> np.dtype | None:
+    try:
+        import ml_dtypes  # noqa: PLC0415 - a jaxlib dependency
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _bitcast_to_bfloat16(shape: tuple[int, ...]) -> Any:
+    """A compiled ``uint16[shape] -> bfloat16[shape]`` bitcast (cached per shape)."""
+    with _lock:
+        exe = _BITCASTS.get(shape)
+    if exe is not None:
+        return exe
+    client, device = _cpu()
+    xla = _xla()
+    dims = "x".join(str(d) for d in shape)
+    src, dst = (f"tensor<{dims}x{t}>" if shape else f"tensor<{t}>" for t in ("ui16", "bf16"))
+    program = (
+        f"func.func @main(%arg0: {src}) -> {dst} {{\n"
+        f"  %0 = stablehlo.bitcast_convert %arg0 : ({src}) -> {dst}\n"
+        f"  return %0 : {dst}\n}}\n"
+    )
+    exe = client.compile_and_load(program, xla.DeviceList((device,)), xla.CompileOptions())
+    with _lock:
+        return _BITCASTS.setdefault(shape, exe)
+
+
+def _dlpack_upload(array: np.ndarray) -> Any:
+    _, device = _cpu()
+    try:
+        with _jax_import_blocked():
+            return _xla().dlpack_managed_tensor_to_buffer(array.__dlpack__(), device, None, True)
+    except (BufferError, TypeError) as exc:
+        raise ValueError(f"cannot upload a {array.dtype} array to the CPU device: {exc}") from exc
+
+
 class DeviceBuffers:
     """Uploads weights once; the handles are reused across calls and across executables
     (e.g. every bucket of a model shares one set of weight buffers)."""
 
     def upload(self, array: np.ndarray) -> DeviceBuffer:
         array = np.asarray(array, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
-        _, device = _cpu()
-        xla = _xla()
-        try:
+        shape = tuple(array.shape)
+        if array.dtype == _bfloat16():
+            bits = _dlpack_upload(array.view(np.uint16))
             with _jax_import_blocked():
-                buf = xla.dlpack_managed_tensor_to_buffer(array.__dlpack__(), device, None, True)
-        except (BufferError, TypeError) as exc:
-            raise ValueError(
-                f"cannot upload a {array.dtype} array to the CPU device: {exc}"
-            ) from exc
-        return DeviceBuffer(array=buf, shape=tuple(array.shape), dtype=array.dtype)
+                results = _bitcast_to_bfloat16(shape).execute_sharded([bits])
+                ((buf,),) = results.disassemble_into_single_device_arrays()
+            return DeviceBuffer(array=buf, shape=shape, dtype=array.dtype)
+        return DeviceBuffer(array=_dlpack_upload(array), shape=shape, dtype=array.dtype)
 
 
 class XlaCpuExecutable:
@@ -157,6 +207,10 @@ class XlaCpuExecutable:
                 "version that compiled it, on a compatible CPU"
             ) from exc
         return cls(loaded, buffers or DeviceBuffers())
+
+    def optimized_hlo(self) -> str:
+        """The optimized HLO module(s) XLA compiled, as text (for inspection and tests)."""
+        return "\n".join(m.to_string() for m in self._loaded.hlo_modules())
 
     def run_on_device(self, args: Sequence[np.ndarray | DeviceBuffer]) -> list[DeviceBuffer]:
         """Run and keep the outputs on the device (e.g. a KV cache fed to the next step)."""
