@@ -512,7 +512,7 @@ def _compiled_blobs(compiled: CompiledGraph) -> list[str]:
 
 
 def _plan_blobs(plan: ModelPlan) -> list[str]:
-    blobs = [plan.weights[0]] if plan.weights is not None else []
+    blobs = [digest for digest, _, _ in plan.weights or ()]
     for compiled in plan.direct_hits.values():
         blobs += _compiled_blobs(compiled)
     return blobs
@@ -526,7 +526,7 @@ def claim_reused(store: Store, plans: list[ModelPlan]) -> None:
     if not missing:
         return
     for plan in plans:
-        if plan.weights is not None and plan.weights[0] in missing:
+        if plan.weights is not None and any(d in missing for d, _, _ in plan.weights):
             plan.weights = None
         for job, compiled in list(plan.direct_hits.items()):
             if missing & set(_compiled_blobs(compiled)):

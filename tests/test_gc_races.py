@@ -223,7 +223,8 @@ def test_a_compile_claims_the_old_blobs_it_reuses(store: Store, store_dir: Path)
             str(graph.executable.digest), graph.executable.size, graph.format, "xla-cpu", "1",
             (), 1.0, None, None,
         )
-    plan = ModelPlan(None, "arch", "wkey", (str(weights.digest), weights.size),  # type: ignore[arg-type]
+    plan = ModelPlan(None, "arch", "wkey",  # type: ignore[arg-type]
+                     ((str(weights.digest), weights.size, "model.safetensors"),),
                      list(hits), dict(hits))
     doomed = {str(b.digest) for b in plan_gc(store, GcPolicy()).delete}
     assert str(weights.digest) in doomed and str(old.graphs[0].executable.digest) in doomed
