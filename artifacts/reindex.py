@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy.exc import DatabaseError
 
 from artifacts.backends import BlobBackend, BlobInfo
 from artifacts.config import default_index_url, resolve_index_url, resolve_store_url
@@ -123,17 +124,33 @@ def reindex(
         refuse_foreign(path)  # a file at Kiln's own default path is Kiln's to rebuild
     engine = make_engine(index)
     try:
+        path = _sqlite_path(index)
         try:
             ensure_schema(engine, index)
         except StoreIndexError:
-            path = _sqlite_path(index)
             if path is None:
                 raise
+            sound = False
+        else:
+            sound = _sqlite_sound(engine)
+        if not sound and path is not None:
             engine.dispose()
             return _rebuild_beside(backend, path, progress, drop_unreadable)
         return _rebuild_in_place(Store(backend, engine, index), progress, drop_unreadable)
     finally:
         engine.dispose()
+
+
+def _sqlite_sound(engine: Engine) -> bool:
+    """False for a SQLite file whose pages are garbled (it opens, but a rebuild in place
+    would fail half-way): such a file is rebuilt beside and swapped in."""
+    if engine.dialect.name != "sqlite":
+        return True
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("PRAGMA quick_check(1)").scalar() == "ok"
+    except DatabaseError:
+        return False
 
 
 def _rebuild_in_place(store: Store, progress: Progress | None, drop: bool) -> ReindexReport:
