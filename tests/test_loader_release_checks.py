@@ -153,11 +153,13 @@ def test_an_imported_release_without_weights_is_refused_by_name(
     host from elsewhere."""
     store, _ = broken_store
     archive = tmp_path / "release.tar"
-    kiln_ok("export", "broken:no-weights", "--store", store, "-o", archive)
+    # An archive carries only tags of its release's own name (the release is tiny-llama's).
+    kiln_ok("tag", "broken:no-weights", "tiny-llama:no-weights", "--store", store)
+    kiln_ok("export", "tiny-llama:no-weights", "--store", store, "-o", archive)
     imported = tmp_path / "imported"
     kiln_ok("import", archive, "--store", imported)
     proc = kiln(
-        "generate", "broken:no-weights", "--prompt-ids", "1", "--store", imported,
+        "generate", "tiny-llama:no-weights", "--prompt-ids", "1", "--store", imported,
         "--cache-dir", tmp_path / "cache",
     )  # fmt: skip
     assert_one_line_error(proc, "release tiny-llama@", "source.weights is empty")

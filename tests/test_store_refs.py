@@ -230,10 +230,10 @@ def test_an_unreachable_index_server_does_not_stop_reads(
         with pytest.raises(IndexRequired) as raised:
             store.require_index("kiln stats")
     message = str(raised.value)
-    assert f"index postgresql+psycopg://***@127.0.0.1:{port}/kiln is unreachable" in message
+    assert f"index postgresql+psycopg://kiln:***@127.0.0.1:{port}/kiln is unreachable" in message
     assert "secret" not in message and "check that it is reachable" in message
     assert [r.getMessage() for r in caplog.records if r.name == "kiln"][0].startswith(
-        "kiln: warning: index postgresql+psycopg://***@"
+        "kiln: warning: index postgresql+psycopg://kiln:***@"
     )
 
 
