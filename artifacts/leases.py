@@ -225,7 +225,7 @@ def _dead_here(owner: str) -> bool:
     """Whether `owner` (host:pid:random) names a process of this host that has exited."""
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
-    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
 def _stale(engine: Engine, info: LeaseInfo) -> bool:
@@ -236,7 +236,8 @@ def _stale(engine: Engine, info: LeaseInfo) -> bool:
     return engine.dialect.name == "sqlite" and _dead_here(info.owner)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -23,6 +23,7 @@ from artifacts.digest import canonical_json
 from artifacts.diskspace import disk_full_error, is_disk_full
 from artifacts.index.db import _sqlite_path, write_transaction
 from artifacts.index.models import RunRow
+from artifacts.leases import pid_alive
 from artifacts.records import RUN_MEDIA_TYPE
 from artifacts.reindex import index_run
 from artifacts.store import Store
@@ -484,18 +485,8 @@ def _mark_dead_runs_interrupted(conn: Connection) -> None:
             pid = json.loads(summary or "{}").get("pid")
         except (ValueError, AttributeError):
             continue
-        if isinstance(pid, int) and not _pid_alive(pid):
+        if isinstance(pid, int) and not pid_alive(pid):
             conn.execute(update(RunRow).where(RunRow.id == run_id).values(status=INTERRUPTED))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. EPERM: it exists
-        return True
-    return True
 
 
 def _user() -> str:
