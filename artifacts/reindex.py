@@ -42,6 +42,7 @@ from artifacts.index.models import (
 from artifacts.manifest import Release
 from artifacts.records import KIND_BY_MEDIA_TYPE, SNIFF_LIMIT, TagEvent, sniff_document
 from artifacts.store import Store, apply_tag_event
+from artifacts.tagrefs import TagRef, has_refs, read_tag_ref, write_tag_ref
 
 Progress = Callable[[int, int], None]
 
@@ -305,6 +306,7 @@ def _fill(conn: Connection, store: Store, scan: _Scan) -> ReindexReport:
     events = sorted(scan.events.items(), key=lambda e: (e[1].at, e[0]))
     for digest, event in events:
         apply_tag_event(conn, event, digest)
+    _write_missing_refs(store, events)
     for digest, value in scan.compilations.items():
         index_compilation(conn, digest, value)
     for digest, value in scan.runs.items():
@@ -318,6 +320,21 @@ def _fill(conn: Connection, store: Store, scan: _Scan) -> ReindexReport:
         len(scan.runs),
         tuple(f"{d}: {why}" for d, why in sorted(scan.unreadable.items())),
     )
+
+
+def _write_missing_refs(store: Store, events: list[tuple[str, TagEvent]]) -> None:
+    """Give every tag that has events but no ref object (tagged before ref objects existed)
+    a ref object from its latest event, so hosts without the index can resolve it too. A ref
+    object that exists is left alone: it is what readers already see."""
+    if not has_refs(store.backend):
+        return
+    latest = {(event.name, event.tag): (digest, event) for digest, event in events}
+    for (name, tag), (digest, event) in latest.items():
+        if read_tag_ref(store.backend, name, tag) is None:  # type: ignore[arg-type]
+            write_tag_ref(
+                store.backend,  # type: ignore[arg-type]
+                TagRef(name, tag, event.digest, digest, event.at),
+            )
 
 
 def _starts_with_brace(backend: BlobBackend, digest: Any) -> bool:

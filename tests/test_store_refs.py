@@ -317,3 +317,23 @@ def test_gc_keeps_what_a_ref_object_reaches_when_the_index_lags(store_dir: Path)
         for _, blob in release.blob_refs():
             assert store.read_bytes(blob.digest)
         assert not store.has_blob(dropped)
+
+
+def test_reindex_gives_tags_from_before_ref_objects_a_ref_object(store_dir: Path) -> None:
+    """A store tagged before ref objects existed has tag events but no refs: `kiln reindex`
+    writes each tag's ref from its latest event, so a host without the index resolves it."""
+    import shutil  # noqa: PLC0415
+
+    from artifacts.reindex import reindex  # noqa: PLC0415
+
+    digests, history = _moved_store(store_dir)
+    shutil.rmtree(store_dir / "refs")
+    reindex(str(store_dir))
+    backend = LocalBlobBackend(store_dir, create=False)
+    assert read_tag_ref(backend, "m", "prod").digest == str(digests[0])
+    assert read_tag_ref(backend, "m", "dev").digest == str(digests[1])
+    _drop_index(store_dir)
+    with Store.open(str(store_dir), create=False) as store:
+        assert not store.has_index
+        assert store.resolve("m:prod").digest == digests[0]
+        assert store.resolve("m:dev").digest == digests[1]
