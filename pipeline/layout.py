@@ -93,7 +93,9 @@ def apply_layouts(module: torch.nn.Module) -> dict[str, str]:
             continue
         weight = sub.weight
         if id(weight) not in converted:
-            stored = stored_tensor(name, weight.detach(), TRANSPOSED)
+            # A view, not a copy: the model (often pages mapped from the checkpoint) is never
+            # held twice; the weight writer makes each tensor contiguous as it streams it.
+            stored = weight.detach().T
             converted[id(weight)] = torch.nn.Parameter(stored, requires_grad=False)
         sub.weight = converted[id(weight)]
         sub.__class__ = _converted_class(type(sub))
