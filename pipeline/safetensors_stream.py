@@ -2,10 +2,13 @@
 
 The header (names, dtypes, shapes, offsets) is computed first from what each tensor will be;
 then each tensor's bytes are produced only when the reader reaches them, so a store put
-hashes and writes a multi-GB file while holding one tensor. The layout matches
-safetensors' own writer (tensors by dtype, widest first, then by name; compact JSON header
-padded with spaces to 8 bytes), so the same tensors give the same bytes as
-`safetensors.torch.save`.
+hashes and writes a multi-GB file while holding one tensor.
+
+The layout is safetensors' own (tensors by dtype, widest first, then by name; a compact JSON
+header padded with spaces) with one difference: the header is padded to 64 bytes, not 8, and
+tensors whose size is not a multiple of 64 bytes come last. So every other tensor starts
+64-byte aligned, and a memory-mapped blob can be handed to XLA's CPU client without a copy
+(runtime_loader/executors/xla_cpu.py). Any safetensors reader reads the file.
 """
 
 from __future__ import annotations
@@ -67,9 +70,15 @@ class TensorEntry:
         return math.prod(self.shape) * ITEM_BYTES[self.dtype]
 
 
+ALIGNMENT = 64
+
+
 def ordered(entries: Iterable[TensorEntry]) -> list[TensorEntry]:
-    """Entries in the order safetensors writes them."""
-    return sorted(entries, key=lambda e: (-DTYPE_ORDER.index(e.dtype), e.name))
+    """Entries in file order: safetensors' order, tensors of unaligned size moved last."""
+    return sorted(
+        entries,
+        key=lambda e: (e.nbytes % ALIGNMENT != 0, -DTYPE_ORDER.index(e.dtype), e.name),
+    )
 
 
 def header_bytes(entries: Sequence[TensorEntry]) -> bytes:
@@ -84,12 +93,12 @@ def header_bytes(entries: Sequence[TensorEntry]) -> bytes:
         }
         offset += e.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)  # the data starts aligned
     return struct.pack("<Q", len(text)) + text
 
 
 def file_size(entries: Sequence[TensorEntry]) -> int:
-    return len(header_bytes(entries)) + sum(e.nbytes for e in entries)
+    return len(header_bytes(ordered(entries))) + sum(e.nbytes for e in entries)
 
 
 def split(entries: Sequence[TensorEntry], max_bytes: int) -> list[list[TensorEntry]]:

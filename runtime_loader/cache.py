@@ -58,19 +58,72 @@ class LocalCache:
 
     def map(self, digest: Digest) -> mmap.mmap:
         """A cached blob memory-mapped copy-on-write (writable, as DLPack needs; writes never
-        reach the file), after one verifying pass of plain reads (which, unlike reading
-        through the map, leaves nothing resident). BlobCorrupted / BlobNotFound otherwise."""
-        with self.backend.open(digest) as reader:
-            buffer = bytearray(CHUNK)
-            while reader.readinto(buffer):  # type: ignore[attr-defined]
-                pass
-        with open(self.backend.path_of(digest), "rb") as f:
+        reach the file). It is verified by one pass of plain reads (which, unlike reading
+        through the map, leaves nothing resident), unless its verification record says this
+        very file (same inode, size, mtime and ctime) was hashed already: the blob a pull
+        just wrote, or a warm load's. BlobCorrupted / BlobNotFound otherwise."""
+        try:
+            f = open(self.backend.path_of(digest), "rb")
+        except FileNotFoundError:
+            self._verify(digest)  # raises the backend's BlobNotFound
+            raise
+        with f:
+            if not self.is_recorded_verified(digest, os.fstat(f.fileno())):
+                self._verify(digest)
             if os.fstat(f.fileno()).st_size == 0:
                 mapped = mmap.mmap(-1, 1)
             else:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        self.touch(digest)
+            try:
+                os.utime(f.fileno())
+            except OSError:
+                pass
+            self._record_verified(digest, os.fstat(f.fileno()))
         return mapped
+
+    def _verify(self, digest: Digest) -> None:
+        with self.backend.open(digest) as reader:
+            buffer = bytearray(CHUNK)
+            while reader.readinto(buffer):  # type: ignore[attr-defined]
+                pass
+
+    def _verified_path(self, digest: Digest) -> Path:
+        return self.root / "verified" / digest.algorithm / digest.hex
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> list[int]:
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def is_recorded_verified(self, digest: Digest, st: os.stat_result) -> bool:
+        try:
+            recorded = json.loads(self._verified_path(digest).read_text())
+        except (OSError, ValueError):
+            return False
+        return recorded == self._identity(st)
+
+    def mark_verified(self, digest: Digest) -> None:
+        """Record that the cached file of `digest`, as it is now, hashed to it (a pull calls
+        this after its verified write, so the first load does not hash it again)."""
+        try:
+            st = os.stat(self.backend.path_of(digest))
+        except OSError:
+            return
+        self._record_verified(digest, st)
+
+    def _record_verified(self, digest: Digest, st: os.stat_result) -> None:
+        """Best effort: a cache this process cannot write just verifies on every load; a
+        record torn by a crash does not parse, so it verifies again."""
+        path = self._verified_path(digest)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._identity(st)))
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def touch(self, digest: Digest) -> None:
         try:
@@ -79,6 +132,7 @@ class LocalCache:
             pass
 
     def discard(self, digest: Digest) -> None:
+        self._verified_path(digest).unlink(missing_ok=True)
         self.backend.delete(digest)
 
     def record_ref(self, ref: str, digest: Digest, store: str) -> bool:
@@ -147,7 +201,7 @@ class LocalCache:
             if total <= max_bytes:
                 break
             if not dry_run:
-                self.backend.delete(Digest.parse(blob.digest))
+                self.discard(Digest.parse(blob.digest))
             total -= blob.size
             removed.append(blob)
         self.backend.clean_temp()

@@ -75,7 +75,7 @@ class _Runner:
         if handle is None:
             handle = self._uploaded[name] = self._buffers.upload(self.weights[name])
             release = getattr(self.weights, "release", None)
-            if release is not None:  # the device holds its own copy now
+            if release is not None and not handle.aliases_host:  # the device has its own copy
                 release(name)
         return handle
 

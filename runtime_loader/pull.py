@@ -66,7 +66,9 @@ def store_in_cache(store: Any, cache: LocalCache, digest: Digest, size: int | No
     """Copy one blob from the store into the cache (verified, atomic); its size."""
     try:
         with store.open_blob(digest) as reader:
-            return cache.backend.put(reader, expected=digest).size
+            size = cache.backend.put(reader, expected=digest).size
+        cache.mark_verified(digest)
+        return size
     except Exception as exc:
         if is_disk_full(exc):
             raise cache_full(cache, f"blob {digest}", size) from None

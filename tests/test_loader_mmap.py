@@ -163,3 +163,85 @@ def test_pull_of_corrupted_store_blob_leaves_nothing_cached(tmp_path: Path) -> N
         pull_blobs(store, cache, {digest: len(data)})
     assert not cache.has(digest)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def _count_hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    hashed = [0]
+    update = Hasher.update
+
+    def counting(self: Hasher, chunk: bytes) -> None:
+        hashed[0] += len(chunk)
+        update(self, chunk)
+
+    monkeypatch.setattr(Hasher, "update", counting)
+    return hashed
+
+
+def test_pulled_blob_is_not_hashed_again_by_its_first_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.open(str(tmp_path / "store"))
+    data = save({"w": np.ones(1 << 18, np.float32)})
+    digest = store.put_bytes(data, kind="weights").digest
+    cache = LocalCache(tmp_path / "cache")
+    hashed = _count_hashed(monkeypatch)
+    pull_blobs(store, cache, {digest: len(data)})
+    cache.map(digest).close()
+    cache.map(digest).close()
+    assert hashed[0] == len(data)  # the pull's one pass; the loads trust its record
+
+
+def test_a_changed_cached_file_is_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verification record names the very file that was hashed (inode, size, mtime,
+    ctime): a file written in place, even with its mtime put back, is hashed again."""
+    cache = LocalCache(tmp_path / "cache")
+    digest = _cached(cache, {"a": np.zeros(1000, np.float32)})
+    size = cache.backend.path_of(digest).stat().st_size
+    hashed = _count_hashed(monkeypatch)
+    cache.map(digest).close()
+    assert hashed[0] == size  # no record yet: one verifying pass
+    cache.map(digest).close()
+    assert hashed[0] == size  # recorded: no second pass
+    path = cache.backend.path_of(digest)
+    before = path.stat()
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(BlobCorrupted):
+        cache.map(digest)
+
+
+def test_aligned_weights_are_adopted_and_unaligned_ones_copied_at_once(tmp_path: Path) -> None:
+    """A tensor of a stream-written blob (64-byte aligned) becomes a device buffer over the
+    mapped pages themselves; an unaligned one is copied when uploaded (not on first use, when
+    its mapped pages would already have been given back)."""
+    import io
+
+    from pipeline.safetensors_stream import SafetensorsStream, TensorEntry
+    from runtime_loader.executors.xla_cpu import DeviceBuffers
+
+    values = {"w": np.arange(4096, dtype=np.float32), "b": np.arange(3, dtype=np.float32)}
+    entries = [TensorEntry(n, "F32", v.shape) for n, v in values.items()]
+    stream = SafetensorsStream(entries, lambda e: memoryview(values[e.name].tobytes()))
+    cache = LocalCache(tmp_path / "cache")
+    digest = cache.backend.put(io.BufferedReader(stream)).digest
+    weights = MappedWeights([("w", cache.map(digest))])
+    buffers = DeviceBuffers()
+    adopted = buffers.upload(weights["w"])
+    assert adopted.aliases_host
+    assert adopted.numpy().ctypes.data == weights["w"].ctypes.data
+    unaligned = np.frombuffer(bytearray(4 * 4097), np.float32)[1:].copy()
+    view = np.frombuffer(memoryview(bytearray(8 + unaligned.nbytes))[8:], np.float32)
+    view[:] = unaligned
+    if view.ctypes.data % 64 == 0:  # the allocator happened to align it: shift once more
+        view = np.frombuffer(memoryview(bytearray(12 + unaligned.nbytes))[12:], np.float32)
+        view[:] = unaligned
+    copied = buffers.upload(view)
+    assert not copied.aliases_host
+    view[:] = -1  # the device buffer is its own copy already
+    assert np.array_equal(copied.numpy(), unaligned)
+    assert np.array_equal(buffers.upload(weights["b"]).numpy(), values["b"])

@@ -1,12 +1,13 @@
-"""Weights streamed into the store tensor by tensor: the bytes safetensors would write, one
-tensor held at a time, a cast and a per-tensor transform on the way, several blobs past a
-size; and tracing that never reads (or copies) the weights."""
+"""Weights streamed into the store tensor by tensor: safetensors files with 64-byte aligned
+tensors, one tensor held at a time, a cast and a per-tensor transform on the way, several
+blobs past a size; and tracing that never reads (or copies) the weights."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load as st_load
+from safetensors.torch import load as st_load_torch
 from safetensors.torch import save as st_save
 
 from artifacts.digest import Digest
@@ -50,9 +52,41 @@ def _stream_bytes(tensors: dict[str, torch.Tensor], **kwargs: Any) -> bytes:
     return io.BufferedReader(stream, 1000).read()
 
 
-def test_stream_writes_the_bytes_safetensors_writes() -> None:
+def _same_tensors(data: bytes, tensors: dict[str, torch.Tensor]) -> bool:
+    back = st_load_torch(data)
+    return back.keys() == tensors.keys() and all(
+        back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k]) for k in tensors
+    )
+
+
+def test_stream_is_safetensors_with_aligned_tensors() -> None:
+    """Any safetensors reader reads the stream back; every tensor whose size is a multiple of
+    64 bytes starts 64-byte aligned in the file (the odd-sized ones come last), so the
+    loader can adopt memory-mapped weights without copying them."""
     tensors = _tensors()
-    assert _stream_bytes(tensors) == st_save(tensors)
+    data = _stream_bytes(tensors)
+    assert _same_tensors(data, tensors)
+    (length,) = struct.unpack("<Q", data[:8])
+    assert (8 + length) % 64 == 0
+    header = json.loads(data[8 : 8 + length])
+    spans = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    seen_odd = False
+    for (start, end), name in spans:
+        if (end - start) % 64:
+            seen_odd = True
+        else:
+            assert not seen_odd, f"{name}: an aligned tensor after an odd-sized one"
+            assert (8 + length + start) % 64 == 0, name
+    assert seen_odd  # the fixture has odd-sized tensors (e.g. the 3-byte mask)
+
+
+def test_stream_of_aligned_tensors_has_safetensors_data_section() -> None:
+    """When no tensor needs moving, the tensor bytes are exactly safetensors' own."""
+    tensors = {"a": torch.arange(32, dtype=torch.float32), "b": torch.ones(4, 16)}
+    data, theirs = _stream_bytes(tensors), st_save(tensors)
+    (ours_len,), (theirs_len,) = struct.unpack("<Q", data[:8]), struct.unpack("<Q", theirs[:8])
+    assert data[8 + ours_len :] == theirs[8 + theirs_len :]
+    assert json.loads(data[8 : 8 + ours_len]) == json.loads(theirs[8 : 8 + theirs_len])
 
 
 def test_each_tensor_is_produced_only_when_reached(tmp_path: Path) -> None:
@@ -146,7 +180,7 @@ def test_one_blob_when_everything_fits(tmp_path: Path) -> None:
     tensors = _tensors()
     ((digest, size, name),) = store_weights(store, "sha256:" + "2" * 64, tensors)
     assert name == "model.safetensors"
-    assert store.read_bytes(Digest.parse(digest)) == st_save(tensors)
+    assert _same_tensors(store.read_bytes(Digest.parse(digest)), tensors)
     assert recorded_weights(store, digest, size) == ((digest, size, name),)
 
 

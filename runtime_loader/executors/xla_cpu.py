@@ -73,14 +73,21 @@ class DeviceBuffer:
     in place of an array. (Without jax, jaxlib arrays carry no shape: outputs learn theirs
     from a zero-copy numpy view on first use.)"""
 
-    __slots__ = ("array", "_shape", "_dtype")
+    __slots__ = ("array", "_shape", "_dtype", "aliases_host")
 
     def __init__(
-        self, array: Any, shape: tuple[int, ...] | None = None, dtype: np.dtype | None = None
+        self,
+        array: Any,
+        shape: tuple[int, ...] | None = None,
+        dtype: np.dtype | None = None,
+        aliases_host: bool = False,
     ) -> None:
         self.array = array
         self._shape = shape
         self._dtype = dtype
+        # True when the device buffer is the uploaded host array's own memory (zero-copy):
+        # the host pages must then stay, e.g. a memory-mapped weight's.
+        self.aliases_host = aliases_host
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -120,14 +127,6 @@ class _Capsule:
 _BITCASTS: dict[tuple[int, ...], Any] = {}
 
 
-def _bfloat16() -> np.dtype | None:
-    try:
-        import ml_dtypes  # noqa: PLC0415 - a jaxlib dependency
-    except ImportError:
-        return None
-    return np.dtype(ml_dtypes.bfloat16)
-
-
 def _bitcast_to_bfloat16(shape: tuple[int, ...]) -> Any:
     """A compiled ``uint16[shape] -> bfloat16[shape]`` bitcast (cached per shape)."""
     with _lock:
@@ -148,6 +147,23 @@ def _bitcast_to_bfloat16(shape: tuple[int, ...]) -> Any:
         return _BITCASTS.setdefault(shape, exe)
 
 
+# XLA's CPU client adopts a host array without copying only when its data is this aligned;
+# a less aligned one is copied on first use, while the caller still holds the original.
+HOST_ALIGNMENT = 64
+
+
+def _aligned(array: np.ndarray) -> bool:
+    return array.ctypes.data % HOST_ALIGNMENT == 0
+
+
+def _aligned_copy(array: np.ndarray) -> np.ndarray:
+    raw = np.empty(array.nbytes + HOST_ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    out = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    np.copyto(out, array)
+    return out
+
+
 def _dlpack_upload(array: np.ndarray) -> Any:
     _, device = _cpu()
     try:
@@ -159,18 +175,25 @@ def _dlpack_upload(array: np.ndarray) -> Any:
 
 class DeviceBuffers:
     """Uploads weights once; the handles are reused across calls and across executables
-    (e.g. every bucket of a model shares one set of weight buffers)."""
+    (e.g. every bucket of a model shares one set of weight buffers).
+
+    An aligned float32 (or other DLPack dtype) array is adopted in place, so a memory-mapped
+    weight costs its file pages and nothing more; an unaligned one is copied into aligned
+    memory now, so the caller may drop the original's pages at once. bfloat16 is converted
+    on the device (a new buffer)."""
 
     def upload(self, array: np.ndarray) -> DeviceBuffer:
         array = np.asarray(array, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
         shape = tuple(array.shape)
-        if array.dtype == _bfloat16():
+        if array.dtype.name == "bfloat16":  # by name: ml_dtypes takes a second to import
             bits = _dlpack_upload(array.view(np.uint16))
             with _jax_import_blocked():
                 results = _bitcast_to_bfloat16(shape).execute_sharded([bits])
                 ((buf,),) = results.disassemble_into_single_device_arrays()
             return DeviceBuffer(array=buf, shape=shape, dtype=array.dtype)
-        return DeviceBuffer(array=_dlpack_upload(array), shape=shape, dtype=array.dtype)
+        aliases = _aligned(array)
+        source = array if aliases else _aligned_copy(array)
+        return DeviceBuffer(_dlpack_upload(source), shape, array.dtype, aliases_host=aliases)
 
 
 class XlaCpuExecutable:
