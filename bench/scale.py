@@ -7,8 +7,7 @@
 The model is written as real checkpoints are: an HF folder with config.json, sharded
 ``model-0000N-of-0000M.safetensors`` and ``model.safetensors.index.json`` (seeded random
 weights; hidden 2048, intermediate 5632, 32 heads, 4 KV heads, vocab 32000). Every figure is
-one fresh process, timed wall-clock from spawn, with its peak RSS (``os.wait4``'s rusage of
-that child, which covers the worker processes it waited for):
+one fresh process, timed wall-clock from spawn, with its peak memory (see ``run_child``):
 
 - cold `kiln compile` into a fresh store, with --workers 1 and 2; a warm rerun of the
   unchanged spec (all direct hits);
@@ -19,7 +18,9 @@ that child, which covers the worker processes it waited for):
   measured the same way;
 - the bandwidth bound: weight bytes read per token / a numpy gemv's measured bytes/s.
 
-Goals (fp32): decode >= 1.2x eager and >= 0.75 of the bandwidth bound.
+Goals (issue 11; decode judged in fp32 only): decode >= 1.2x eager and >= 0.75 of the
+bandwidth bound; peak memory <= 1.25x the weights to compile, <= 1.15x to load; a warm
+compile <= 0.5 s; time to first token below eager's, and <= 0.3 of it from a warm cache.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,10 @@ SHAPE = {
 }
 DECODE_GOAL_EAGER = 1.2
 DECODE_GOAL_BOUND = 0.75
+WARM_COMPILE_GOAL_S = 0.5
+FIRST_TOKEN_WARM_GOAL = 0.3
+COMPILE_MEMORY_GOAL = 1.25
+LOADER_MEMORY_GOAL = 1.15
 PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203]
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -138,19 +144,79 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _tree_pss_bytes(root: int) -> int:
+    """Proportional set size of `root` and all its descendants (shared pages split between
+    the processes that share them, so workers mapping one file are not counted twice)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
 def run_child(command: list[str], scratch: Path) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of one child process and what it waited for."""
+    """(wall seconds, peak memory bytes, stdout) of one child process and its workers.
+
+    Peak memory is the larger of the biggest single process's peak RSS (``os.wait4``) and
+    the peak of the whole process tree's PSS, sampled every 50 ms (what the host must hold
+    when several workers run). This process stays small (the checkpoint is written by a
+    child too), because a child's peak RSS starts from its parent's at fork."""
     out, err = scratch / "child.out", scratch / "child.err"
+    peak_tree = [0]
     with out.open("w") as stdout, err.open("w") as stderr:
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=stdout, stderr=stderr)
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                peak_tree[0] = max(peak_tree[0], _tree_pss_bytes(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} failed ({proc.returncode}):\n"
                          f"{err.read_text()[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024, out.read_text()
+    return seconds, max(usage.ru_maxrss * 1024, peak_tree[0]), out.read_text()
+
+
+CHECKPOINT_CHILD = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from scale import write_checkpoint
+print(write_checkpoint(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])))
+"""
+
+
+def write_checkpoint_in_child(folder: Path, layers: int, dtype: str, shard_bytes: int,
+                              scratch: Path) -> int:
+    command = [sys.executable, "-c", CHECKPOINT_CHILD, str(Path(__file__).parent), str(folder),
+               str(layers), dtype, str(shard_bytes)]
+    _, _, stdout = run_child(command, scratch)
+    return int(stdout.strip().splitlines()[-1])
 
 
 def kiln_compile(spec: Path, store: Path, workers: int, scratch: Path) -> dict[str, Any]:
@@ -248,42 +314,51 @@ def _gib(size: float) -> str:
 
 
 def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every figure with its baseline and their ratio (higher-is-better ratios marked)."""
+    """Every figure with its baseline, their ratio, and the issue's goal for it: (">=", x) or
+    ("<=", x) on the ratio (or on the value itself, for the warm compile's seconds)."""
     r = results
+    w = r["weight_bytes"]
     rows = [
         ("cold compile, 2 workers (s)", r["cold_w2"]["seconds"],
          "cold compile, 1 worker", r["cold_w1"]["seconds"], None),
         ("warm compile, unchanged spec (s)", r["warm"]["seconds"],
-         "cold compile, 1 worker", r["cold_w1"]["seconds"], None),
+         "seconds", 1.0, ("<=", WARM_COMPILE_GOAL_S)),
         ("load, fresh cache (s)", r["loader_fresh"]["load_s"],
          "eager from_pretrained", r["eager"]["load_s"], None),
         ("load, warm cache (s)", r["loader_warm"]["load_s"],
          "eager from_pretrained", r["eager"]["load_s"], None),
         ("time to first token, fresh cache (s)", r["loader_fresh"]["first_token_s"],
-         "eager from_pretrained + first token", r["eager"]["first_token_s"], None),
+         "eager from_pretrained + first token", r["eager"]["first_token_s"], ("<=", 1.0)),
         ("time to first token, warm cache (s)", r["loader_warm"]["first_token_s"],
-         "eager from_pretrained + first token", r["eager"]["first_token_s"], None),
+         "eager from_pretrained + first token", r["eager"]["first_token_s"],
+         ("<=", FIRST_TOKEN_WARM_GOAL)),
         ("decode tokens/s", r["loader_warm"]["decode_tok_s"],
-         "eager generate() tokens/s", r["eager"]["decode_tok_s"], DECODE_GOAL_EAGER),
+         "eager generate() tokens/s", r["eager"]["decode_tok_s"], (">=", DECODE_GOAL_EAGER)),
         ("decode tokens/s", r["loader_warm"]["decode_tok_s"],
-         "bandwidth bound tokens/s", r["bound_tok_s"], DECODE_GOAL_BOUND),
-        ("peak RSS, cold compile 1 worker", r["cold_w1"]["peak_rss"],
-         "weight bytes", r["weight_bytes"], None),
-        ("peak RSS, cold compile 2 workers", r["cold_w2"]["peak_rss"],
-         "weight bytes", r["weight_bytes"], None),
-        ("peak RSS, loader (fresh cache)", r["loader_fresh"]["peak_rss"],
-         "peak RSS, eager", r["eager"]["peak_rss"], None),
+         "bandwidth bound tokens/s", r["bound_tok_s"], (">=", DECODE_GOAL_BOUND)),
+        ("peak memory, cold compile 1 worker", r["cold_w1"]["peak_rss"],
+         "weight bytes", w, ("<=", COMPILE_MEMORY_GOAL)),
+        ("peak memory, cold compile 2 workers", r["cold_w2"]["peak_rss"],
+         "weight bytes", w, ("<=", COMPILE_MEMORY_GOAL)),
+        ("peak memory, loader (fresh cache)", r["loader_fresh"]["peak_rss"],
+         "weight bytes", w, ("<=", LOADER_MEMORY_GOAL)),
+        ("peak memory, loader (warm cache)", r["loader_warm"]["peak_rss"],
+         "weight bytes", w, ("<=", LOADER_MEMORY_GOAL)),
+        ("peak memory, eager", r["eager"]["peak_rss"], "weight bytes", w, None),
     ]
     out = []
     for name, value, base_name, base, goal in rows:
         ratio = value / base if base else float("nan")
+        ok = None
+        if goal is not None:
+            ok = ratio >= goal[1] if goal[0] == ">=" else ratio <= goal[1]
         out.append({"figure": name, "value": value, "baseline": base_name, "baseline_value": base,
-                    "ratio": ratio, "goal": goal, "ok": None if goal is None else ratio >= goal})
+                    "ratio": ratio, "goal": goal, "ok": ok})
     return out
 
 
 def _fmt(name: str, value: float) -> str:
-    return _gib(value) if "RSS" in name or name == "weight bytes" else f"{value:.3f}"
+    return _gib(value) if "memory" in name or name == "weight bytes" else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-scale-", dir=args.workdir))
     folder = work / "model"
     try:
-        weight_bytes = write_checkpoint(folder, args.layers, args.dtype, args.shard_size)
+        weight_bytes = write_checkpoint_in_child(folder, args.layers, args.dtype,
+                                                 args.shard_size, work)
         spec = work / "spec.yaml"
         spec.write_text(json.dumps({
             "models": [{"name": "scale", "task": "causal-lm", "dtype": args.dtype,
@@ -338,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for row in rows:
         verdict = "ok" if row["ok"] else "MISSED"
-        goal = "" if row["goal"] is None else f">= {row['goal']:.2f} {verdict}"
+        goal = "" if row["goal"] is None else f"{row['goal'][0]} {row['goal'][1]:.2f} {verdict}"
         table.append([row["figure"], _fmt(row["figure"], row["value"]), row["baseline"],
                       _fmt(row["baseline"], row["baseline_value"]), f"{row['ratio']:.3f}", goal])
     print(render_table(["FIGURE", "VALUE", "BASELINE", "BASELINE VALUE", "RATIO", "GOAL"], table))
