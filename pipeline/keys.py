@@ -1,4 +1,4 @@
-"""The two cache keys (shared/DESIGN.md, "Keys"): pure functions over canonical JSON.
+"""The two cache keys (docs/architecture.md, "Keys"): pure functions over canonical JSON.
 
 Both are pinned by fixed expected-value tests: changing what goes into a key must be a
 deliberate act (bump KEY_SCHEMA or GRAPH_BUILDER_VERSION).
