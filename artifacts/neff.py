@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from artifacts.errors import ArtifactError
+from artifacts.errors import BlobNotFound, NeffError
 
 if TYPE_CHECKING:
     from artifacts.digest import Digest
@@ -43,9 +43,6 @@ _TPB_PER_NODE = (480, 64)
 _FEATURE_BITS = 544
 _LNC_SIZE = 552
 
-
-class NeffError(ArtifactError):
-    """Bytes that are not a consistent NEFF (truncated, wrong header size, size mismatch)."""
 
 
 def _u64(data: bytes, offset: int) -> int:
@@ -151,8 +148,6 @@ class NeffHeader:
 
 def read_neff_header(store: Store, digest: Digest) -> NeffHeader:
     """The header of a stored blob (reads only its first bytes). Raises NeffError."""
-    from artifacts.errors import BlobNotFound  # noqa: PLC0415
-
     info = store.backend.stat(digest)
     if info is None:
         raise BlobNotFound(digest, store.backend.url)

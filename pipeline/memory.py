@@ -17,15 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import MemoryEstimateError
 from pipeline.spec import Bucket, ModelSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 INT64 = 8
 
-
-class MemoryEstimateError(PipelineError):
-    """A graph that needs more memory than the limit; the message names model, graph, bucket."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from pipeline.errors import PipelineError
+from pipeline.errors import NeuronFlagError
 
 NEURON_TARGETS = ("inf2", "trn1", "trn1n", "trn2")
 LNC_TARGETS = ("trn2",)  # targets where a logical NeuronCore may group 2 physical cores
@@ -46,9 +46,6 @@ VALUE_OPTIONS = frozenset(
 )
 ALIASES = {"--logical-nc-config": "--lnc", "-lnc": "--lnc"}
 
-
-class NeuronFlagError(PipelineError):
-    """A neuronx-cc flag that cannot work for the target; the message names the flag."""
 
 
 def _split(token: str) -> tuple[str, str | None]:
