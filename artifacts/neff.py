@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from artifacts.errors import BlobNotFound, NeffError
+from artifacts.targets import NEFF_FORMAT, NEFF_TARGETS
 
 if TYPE_CHECKING:
     from artifacts.digest import Digest
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
 HEADER_SIZE = 1024
 GZIP_MAGIC = b"\x1f\x8b"
 PREFIX_SIZE = HEADER_SIZE + len(GZIP_MAGIC)  # enough bytes to parse and see the compression
-NEFF_FORMAT = "neff"
-NEFF_TARGETS = ("inf2", "trn1", "trn1n", "trn2")
 
 # (offset, struct format) of each header field
 _U64 = "<Q"

@@ -11,8 +11,9 @@ import click
 
 from artifacts.cli import emit_json, json_option, open_store, store_options
 from artifacts.table import render_table
+from artifacts.targets import COMPILERS, NEURON_TARGETS
 
-BACKEND_CHOICES = click.Choice(["auto", "xla-cpu", "neuronx-cc"])
+BACKEND_CHOICES = click.Choice(["auto", *COMPILERS])
 
 
 def _flags(flags: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -258,7 +259,7 @@ def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
 @click.option("--dry-run", is_flag=True, help="Report what would be imported; store nothing.")
 @click.option(
     "--default-target",
-    type=click.Choice(["inf2", "trn1", "trn1n", "trn2"]),
+    type=click.Choice(NEURON_TARGETS),
     default="inf2",
     show_default=True,
     help="Target of entries whose compile_flags.json has no --target.",

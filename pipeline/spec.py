@@ -12,11 +12,11 @@ from typing import Any
 
 from artifacts.digest import Digest
 from artifacts.refs import NAME_RULE, TAG_RULE, is_valid_name, is_valid_tag
+from artifacts.targets import TARGET_NAMES as TARGETS
 from pipeline.errors import SpecError
 from pipeline.tracers import DEFAULT_TRACER, TRACERS
 
 TASKS = ("encoder", "causal-lm")
-TARGETS = ("cpu", "inf2", "trn1", "trn2")
 DTYPES = ("float32", "bfloat16", "float16")
 GRAPH_KINDS = {"encoder": ("encode",), "causal-lm": ("context_encoding", "token_generation")}
 MAX_BUCKET = 1 << 20

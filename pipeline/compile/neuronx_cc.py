@@ -10,10 +10,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from artifacts.targets import NEURON_TARGETS
 from pipeline.compile.base import CompileResult
 from pipeline.errors import BackendUnavailableError, CompileError
 
-NEURON_TARGETS = ("inf2", "trn1", "trn1n", "trn2")
 HLO_FILE = "model.hlo_module.pb"
 NEFF_FILE = "model.neff"
 LOG_FILE = "log-neuron-cc.txt"
