@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SpecError
 from pipeline.spec import ModelSource, ModelSpec
+from pipeline.tracers.versions import tracer_versions
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -18,7 +18,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "vocab.txt",
 )
-TRACER_PACKAGES = ("torch", "torch-xla", "transformers")
 
 
 def source_folder(source: ModelSource, model: str) -> Path | None:
@@ -103,18 +102,6 @@ def tokenizer_files(model: ModelSpec) -> list[Path]:
     if folder is None:
         return []
     return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-
-
-@lru_cache(maxsize=1)
-def tracer_versions() -> dict[str, str]:
-    """Versions of the tracing libraries, read from package metadata (no import)."""
-    out = {}
-    for package in TRACER_PACKAGES:
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = "missing"
-    return out
 
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
+from pipeline.tracers.versions import tracer_versions
 
 if TYPE_CHECKING:
     from pipeline.trace import TracedGraph
@@ -55,8 +56,6 @@ def get_tracer(name: str) -> TraceFn:
 def tracer_identity(name: str) -> dict[str, str]:
     """What identifies the tracer in the direct key. The default tracer's identity is the
     library versions alone, as before tracers were selectable (its keys do not change)."""
-    from pipeline.sources import tracer_versions  # noqa: PLC0415
-
     versions = dict(tracer_versions())
     if name == DEFAULT_TRACER:
         return versions
