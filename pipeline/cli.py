@@ -10,8 +10,12 @@ from pathlib import Path
 import click
 
 from artifacts.cli import emit_json, json_option, open_store, store_options
-from artifacts.table import render_table
+from artifacts.refs import TAG_RE
+from artifacts.table import human_size, render_table
 from artifacts.targets import COMPILERS, NEURON_TARGETS
+from pipeline.errors import ShardError
+from pipeline.interrupt import sigterm_interrupts
+from pipeline.shard import resolve_shard, select_shard
 
 BACKEND_CHOICES = click.Choice(["auto", *COMPILERS])
 
@@ -143,12 +147,9 @@ def compile_command(
 
     With --shard I/N (or --shard-count N in an Indexed Job / array job) only that shard's
     graphs are compiled and nothing is published: a final unsharded run tags the releases."""
-    from artifacts.refs import TAG_RE  # noqa: PLC0415
     from pipeline.executors import make_executor  # noqa: PLC0415
-    from pipeline.interrupt import sigterm_interrupts  # noqa: PLC0415
     from pipeline.jobs import plan_spec  # noqa: PLC0415
     from pipeline.run import Runner, RunOptions  # noqa: PLC0415
-    from pipeline.shard import ShardError, resolve_shard, select_shard  # noqa: PLC0415
     from pipeline.spec import load_spec  # noqa: PLC0415
 
     if tag is not None and not TAG_RE.match(tag):
@@ -277,7 +278,6 @@ def import_neuron_cache_command(
     """Import a Neuron persistent cache (PATH: a folder, a neuronxcc-<version> folder in
     it, or s3://BUCKET/PREFIX) as Kiln compilations: complete entries are imported once;
     incomplete, failed and locked ones are reported."""
-    from artifacts.table import human_size  # noqa: PLC0415
     from pipeline.neuron_cache import (  # noqa: PLC0415
         IMPORTED,
         PRESENT,
@@ -328,7 +328,6 @@ def export_neuron_cache_command(
     """Write REF's NEFFs (a release, an HLO key or a compile record) into PATH in the Neuron
     cache layout, under the folder names they were imported with (else
     neuronxcc-<version>/MODULE_<hlo key hex[:20]>), for torch-neuronx to find."""
-    from artifacts.table import human_size  # noqa: PLC0415
     from pipeline.neuron_cache import export_neuron_cache  # noqa: PLC0415
 
     with open_store(store_url, index_url, create=False) as store:

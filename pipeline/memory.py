@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from artifacts.table import human_size
 from pipeline.errors import MemoryEstimateError
 from pipeline.spec import Bucket, ModelSpec
 
@@ -131,7 +132,6 @@ def check_model(model: ModelSpec, config: dict[str, Any], limit: int | None) -> 
     for Neuron targets only what tracing holds here (`trace`)."""
     if limit is None:
         return
-    from artifacts.table import human_size  # noqa: PLC0415
 
     runs_here = "cpu" in model.targets
     for kind in model.graph_kinds:

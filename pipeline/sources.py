@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SpecError
+from pipeline.file_digests import file_digest
 from pipeline.spec import ModelSource, ModelSpec
 from pipeline.tracers.versions import tracer_versions
 
@@ -85,8 +86,6 @@ def weight_files(folder: Path, model: str) -> list[Path]:
 
 def weights_identity(model: ModelSpec) -> dict[str, Any]:
     """What decides the weights: the weight files' digests, or the config and seed."""
-    from pipeline.file_digests import file_digest  # noqa: PLC0415
-
     folder = source_folder(model.source, model.name)
     if folder is None:
         return {
