@@ -1,22 +1,24 @@
 """The one table of compile targets: the compiler that builds for each, the executable format
 it produces, the instances it runs on and the neuronx-cc LNC sizes it accepts.
 
-It lives in artifacts/ (and imports nothing) because the build side (spec, CLI, flag checker,
-compiler choice), the store (NEFF header checks) and the loader all read it.
+It lives in artifacts/ (and imports nothing of the project's) because the build side (spec,
+CLI, flag checker, compiler choice), the store (NEFF header checks) and the loader read it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 XLA_CPU, NEURONX_CC = "xla-cpu", "neuronx-cc"  # compiler backends
 XLA_CPU_FORMAT, NEFF_FORMAT = "xla-cpu", "neff"  # executable formats
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """One compile target. `lnc_sizes` are the `--lnc` values neuronx-cc accepts for it
-    (a logical NeuronCore of 2 physical cores exists only on trn2); empty for the CPU."""
+    (a logical NeuronCore of 2 physical cores exists only on trn2); empty for the CPU.
+
+    A NamedTuple rather than a dataclass: `kiln --help` reads the CLI choices from this
+    table, and `dataclasses` is not otherwise imported there."""
 
     name: str
     compiler: str

@@ -10,12 +10,8 @@ from pathlib import Path
 import click
 
 from artifacts.cli import emit_json, json_option, open_store, store_options
-from artifacts.refs import TAG_RE
 from artifacts.table import human_size, render_table
 from artifacts.targets import COMPILERS, NEURON_TARGETS
-from pipeline.errors import ShardError
-from pipeline.interrupt import sigterm_interrupts
-from pipeline.shard import resolve_shard, select_shard
 
 BACKEND_CHOICES = click.Choice(["auto", *COMPILERS])
 
@@ -147,9 +143,13 @@ def compile_command(
 
     With --shard I/N (or --shard-count N in an Indexed Job / array job) only that shard's
     graphs are compiled and nothing is published: a final unsharded run tags the releases."""
+    # Deferred so that `kiln --help` (which loads this module) stays as fast as it was.
+    from artifacts.refs import TAG_RE  # noqa: PLC0415
     from pipeline.executors import make_executor  # noqa: PLC0415
+    from pipeline.interrupt import sigterm_interrupts  # noqa: PLC0415
     from pipeline.jobs import plan_spec  # noqa: PLC0415
     from pipeline.run import Runner, RunOptions  # noqa: PLC0415
+    from pipeline.shard import ShardError, resolve_shard, select_shard  # noqa: PLC0415
     from pipeline.spec import load_spec  # noqa: PLC0415
 
     if tag is not None and not TAG_RE.match(tag):
