@@ -7,10 +7,13 @@ CLI, flag checker, compiler choice), the store (NEFF header checks) and the load
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-XLA_CPU, NEURONX_CC = "xla-cpu", "neuronx-cc"  # compiler backends
-XLA_CPU_FORMAT, NEFF_FORMAT = "xla-cpu", "neff"  # executable formats
+# compiler backends, and the executable formats they produce
+XLA_CPU: Final = "xla-cpu"
+NEURONX_CC: Final = "neuronx-cc"
+XLA_CPU_FORMAT: Final = "xla-cpu"
+NEFF_FORMAT: Final = "neff"
 
 
 class Target(NamedTuple):

@@ -3,7 +3,15 @@ Importing this package loads no jaxlib and no compiler."""
 
 from __future__ import annotations
 
-from artifacts.targets import COMPILERS, CPU_TARGETS, NEURON_TARGETS, TARGET_NAMES, TARGETS
+from artifacts.targets import (
+    COMPILERS,
+    CPU_TARGETS,
+    NEURON_TARGETS,
+    NEURONX_CC,
+    TARGET_NAMES,
+    TARGETS,
+    XLA_CPU,
+)
 from pipeline.compile.base import Compiler, CompileResult
 from pipeline.compile.neuronx_cc import NeuronxCcCompiler
 from pipeline.compile.xla_cpu import XlaCpuCompiler
@@ -23,9 +31,9 @@ __all__ = [
 
 
 def get_compiler(name: str) -> Compiler:
-    if name == "xla-cpu":
+    if name == XLA_CPU:
         return XlaCpuCompiler()
-    if name == "neuronx-cc":
+    if name == NEURONX_CC:
         return NeuronxCcCompiler()
     raise PipelineError(f"unknown compiler backend {name!r}; choose one of {BACKENDS}")
 

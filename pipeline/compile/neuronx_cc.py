@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from artifacts.targets import NEURON_TARGETS
+from artifacts.targets import NEFF_FORMAT, NEURON_TARGETS, NEURONX_CC
 from pipeline.compile.base import CompileResult
 from pipeline.errors import BackendUnavailableError, CompileError
 
@@ -43,7 +43,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 class NeuronxCcCompiler:
-    name = "neuronx-cc"
+    name = NEURONX_CC
 
     def __init__(self) -> None:
         self._version: str | None = None
@@ -150,7 +150,7 @@ class NeuronxCcCompiler:
             )
         return CompileResult(
             executable=neff.read_bytes(),
-            format="neff",
+            format=NEFF_FORMAT,
             log=log,
             compiler=self.name,
             compiler_version=version,
