@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 
-class ArtifactError(Exception):
+class KilnError(Exception):
+    """Root of every error Kiln raises on purpose: the CLI prints these as one line.
+
+    It lives here, at the bottom layer, because pipeline/ and runtime_loader/ both import
+    artifacts/ already; each package's own root subclasses it."""
+
+
+class ArtifactError(KilnError):
     """Root of every error raised by the artifact store."""
 
 
@@ -89,3 +96,9 @@ class NoSpace(DiskFull):
 class IndexRequired(ArtifactError):
     """An operation that needs the SQL index (stats, gc, leases, writes) on a store opened
     without one: reads of releases and tags never need it."""
+
+class NeffError(ArtifactError):
+    """Bytes that are not a consistent NEFF (truncated, wrong header size, size mismatch)."""
+
+class IndexLocked(StoreIndexError):
+    """The index's write lock stayed held by another process for the whole lock timeout."""

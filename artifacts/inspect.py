@@ -9,9 +9,12 @@ from typing import Any
 from sqlalchemy import func, select
 
 from artifacts.digest import Digest
+from artifacts.errors import BlobNotFound
+from artifacts.index.db import display_url
 from artifacts.index.models import (
     BlobRow,
     CompilationRow,
+    ManifestBlobRow,
     ManifestRow,
     RunRow,
     TagRow,
@@ -108,8 +111,6 @@ class StoreStats:
 
 def store_stats(store: Store) -> StoreStats:
     """Counts and sizes from the index (fast: aggregates, no walk of the blobs)."""
-    from artifacts.index.db import display_url  # noqa: PLC0415
-
     with store.require_index("kiln stats").connect() as conn:
         by_kind = {
             (kind or "data"): (n, int(b or 0))
@@ -187,9 +188,6 @@ class BlobView:
 
 
 def show_blob(store: Store, digest: Digest) -> BlobView:
-    from artifacts.errors import BlobNotFound  # noqa: PLC0415
-    from artifacts.index.models import ManifestBlobRow  # noqa: PLC0415
-
     info = store.backend.stat(digest)
     if info is None:
         raise BlobNotFound(digest, store.backend.url)

@@ -10,11 +10,11 @@ from typing import Any
 from artifacts.digest import Digest, canonical_json
 from artifacts.errors import InvalidManifest
 from artifacts.refs import NAME_RULE, is_valid_name
+from artifacts.targets import EXECUTABLE_FORMATS
 from artifacts.validate import Reader
 
 RELEASE_MEDIA_TYPE = "application/vnd.kiln.release.v1+json"
 SCHEMA_VERSION = 1
-EXECUTABLE_FORMATS = ("xla-cpu", "neff")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from artifacts.errors import ArtifactError
+from artifacts.errors import BlobNotFound, NeffError
+from artifacts.targets import NEFF_FORMAT, NEFF_TARGETS
 
 if TYPE_CHECKING:
     from artifacts.digest import Digest
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
 HEADER_SIZE = 1024
 GZIP_MAGIC = b"\x1f\x8b"
 PREFIX_SIZE = HEADER_SIZE + len(GZIP_MAGIC)  # enough bytes to parse and see the compression
-NEFF_FORMAT = "neff"
-NEFF_TARGETS = ("inf2", "trn1", "trn1n", "trn2")
 
 # (offset, struct format) of each header field
 _U64 = "<Q"
@@ -43,9 +42,6 @@ _TPB_PER_NODE = (480, 64)
 _FEATURE_BITS = 544
 _LNC_SIZE = 552
 
-
-class NeffError(ArtifactError):
-    """Bytes that are not a consistent NEFF (truncated, wrong header size, size mismatch)."""
 
 
 def _u64(data: bytes, offset: int) -> int:
@@ -151,8 +147,6 @@ class NeffHeader:
 
 def read_neff_header(store: Store, digest: Digest) -> NeffHeader:
     """The header of a stored blob (reads only its first bytes). Raises NeffError."""
-    from artifacts.errors import BlobNotFound  # noqa: PLC0415
-
     info = store.backend.stat(digest)
     if info is None:
         raise BlobNotFound(digest, store.backend.url)

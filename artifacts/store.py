@@ -35,6 +35,7 @@ from artifacts.errors import (
     InvalidManifest,
     InvalidReference,
     ReferenceNotFound,
+    SizeMismatch,
 )
 from artifacts.index import ops
 from artifacts.index.db import ensure_schema, make_engine, write_transaction
@@ -222,7 +223,7 @@ class Store:
             if info is None:
                 raise BlobNotFound(ref.digest, f"{self.backend.url} (the release's {role})")
             if info.size != ref.size:
-                raise ReferenceNotFound(
+                raise SizeMismatch(
                     f"release {release.name}: {role} blob {ref.digest} has size {info.size},"
                     f" manifest says {ref.size}"
                 )

@@ -13,6 +13,7 @@ from artifacts.backends import BlobInfo
 from artifacts.digest import CHUNK_SIZE, Digest
 from artifacts.errors import ArtifactError
 from artifacts.index.models import BlobRow, ManifestBlobRow, ManifestRow, TagRow
+from artifacts.neff import neff_blob_check
 from artifacts.store import Store
 
 MAX_INDEX_PROBLEMS = 20
@@ -173,10 +174,4 @@ def _dedupe(problems: Iterable[Problem]) -> list[Problem]:
     return out
 
 
-def _register_builtin_checks() -> None:
-    from artifacts.neff import neff_blob_check  # noqa: PLC0415
-
-    register_blob_check(neff_blob_check)
-
-
-_register_builtin_checks()
+register_blob_check(neff_blob_check)

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from artifacts.errors import KilnError
+from artifacts.redact import redact_text
 from kiln import __version__
 
 # command name -> "module:attribute"
@@ -39,11 +41,6 @@ LAZY_COMMANDS: dict[str, str] = {
     "generate": "runtime_loader.cli:generate_command",
     "cache": "runtime_loader.cli:cache_group",
 }
-ERROR_ROOTS = (
-    ("artifacts.errors", "ArtifactError"),
-    ("pipeline.errors", "PipelineError"),
-    ("runtime_loader.errors", "LoaderError"),
-)
 
 
 class LazyGroup(click.Group):
@@ -76,16 +73,13 @@ def user_error_message(exc: BaseException) -> str | None:
     message = _user_error_message(exc)
     if message is None:
         return None
-    from artifacts.redact import redact_text  # noqa: PLC0415
-
     return redact_text(message)
 
 
 def _user_error_message(exc: BaseException) -> str | None:
-    for module, name in ERROR_ROOTS:
-        loaded = sys.modules.get(module)
-        if loaded is not None and isinstance(exc, getattr(loaded, name)):
-            return str(exc)
+    if isinstance(exc, KilnError):
+        return str(exc)
+    # SQLAlchemy is heavy: if it was never imported, this error cannot be one of its own.
     sqlalchemy_exc = sys.modules.get("sqlalchemy.exc")
     if sqlalchemy_exc is not None and isinstance(exc, sqlalchemy_exc.SQLAlchemyError):
         orig = getattr(exc, "orig", None) or exc

@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 
 from artifacts.cli import emit_json, json_option, open_store, store_options
-from artifacts.table import render_table
+from artifacts.table import human_size, render_table
+from artifacts.targets import COMPILERS, NEURON_TARGETS
 
-BACKEND_CHOICES = click.Choice(["auto", "xla-cpu", "neuronx-cc"])
+BACKEND_CHOICES = click.Choice(["auto", *COMPILERS])
 
 
 def _flags(flags: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -142,6 +143,7 @@ def compile_command(
 
     With --shard I/N (or --shard-count N in an Indexed Job / array job) only that shard's
     graphs are compiled and nothing is published: a final unsharded run tags the releases."""
+    # Deferred so that `kiln --help` (which loads this module) stays as fast as it was.
     from artifacts.refs import TAG_RE  # noqa: PLC0415
     from pipeline.executors import make_executor  # noqa: PLC0415
     from pipeline.interrupt import sigterm_interrupts  # noqa: PLC0415
@@ -258,7 +260,7 @@ def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
 @click.option("--dry-run", is_flag=True, help="Report what would be imported; store nothing.")
 @click.option(
     "--default-target",
-    type=click.Choice(["inf2", "trn1", "trn1n", "trn2"]),
+    type=click.Choice(NEURON_TARGETS),
     default="inf2",
     show_default=True,
     help="Target of entries whose compile_flags.json has no --target.",
@@ -276,7 +278,6 @@ def import_neuron_cache_command(
     """Import a Neuron persistent cache (PATH: a folder, a neuronxcc-<version> folder in
     it, or s3://BUCKET/PREFIX) as Kiln compilations: complete entries are imported once;
     incomplete, failed and locked ones are reported."""
-    from artifacts.table import human_size  # noqa: PLC0415
     from pipeline.neuron_cache import (  # noqa: PLC0415
         IMPORTED,
         PRESENT,
@@ -327,7 +328,6 @@ def export_neuron_cache_command(
     """Write REF's NEFFs (a release, an HLO key or a compile record) into PATH in the Neuron
     cache layout, under the folder names they were imported with (else
     neuronxcc-<version>/MODULE_<hlo key hex[:20]>), for torch-neuronx to find."""
-    from artifacts.table import human_size  # noqa: PLC0415
     from pipeline.neuron_cache import export_neuron_cache  # noqa: PLC0415
 
     with open_store(store_url, index_url, create=False) as store:

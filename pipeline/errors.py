@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+from artifacts.errors import KilnError
+
 CompileFailure = Literal["exit", "timeout", "oom", "unavailable"]
 
 
-class PipelineError(Exception):
+class PipelineError(KilnError):
     """Root of every error the pipeline raises on purpose."""
 
 
@@ -42,3 +44,15 @@ class BackendUnavailableError(CompileError):
 
 class SpecError(PipelineError):
     """A spec file that cannot be used; the message names the file and the YAML path."""
+
+class ShardError(PipelineError):
+    """A shard option or index variable is malformed or out of range."""
+
+class NeuronFlagError(PipelineError):
+    """A neuronx-cc flag that cannot work for the target; the message names the flag."""
+
+class NeuronCacheError(PipelineError):
+    """A Neuron cache that cannot be read or written."""
+
+class MemoryEstimateError(PipelineError):
+    """A graph that needs more memory than the limit; the message names model, graph, bucket."""

@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from artifacts.table import human_size
+from pipeline.errors import MemoryEstimateError
 from pipeline.spec import Bucket, ModelSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 INT64 = 8
 
-
-class MemoryEstimateError(PipelineError):
-    """A graph that needs more memory than the limit; the message names model, graph, bucket."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +132,6 @@ def check_model(model: ModelSpec, config: dict[str, Any], limit: int | None) -> 
     for Neuron targets only what tracing holds here (`trace`)."""
     if limit is None:
         return
-    from artifacts.table import human_size  # noqa: PLC0415
 
     runs_here = "cpu" in model.targets
     for kind in model.graph_kinds:

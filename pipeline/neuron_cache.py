@@ -45,7 +45,7 @@ from artifacts.records import COMPILATION_MEDIA_TYPE
 from artifacts.redact import redact_url
 from artifacts.reindex import index_compilation
 from artifacts.store import Store
-from pipeline.errors import PipelineError
+from pipeline.errors import NeuronCacheError
 from pipeline.keys import hlo_key
 from pipeline.neuron_flags import NEURON_TARGETS, split_target
 
@@ -67,9 +67,6 @@ IMPORTED, PRESENT = "imported", "present"
 INCOMPLETE, FAILED, LOCKED, INVALID = "incomplete", "failed", "locked", "invalid"
 STATUSES = (IMPORTED, PRESENT, INCOMPLETE, FAILED, LOCKED, INVALID)
 
-
-class NeuronCacheError(PipelineError):
-    """A Neuron cache that cannot be read or written."""
 
 
 # --- where a cache lives -----------------------------------------------------------------

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from pipeline.errors import PipelineError
+from artifacts.targets import LNC_TARGETS, NEURON_TARGETS, TARGETS
+from pipeline.errors import NeuronFlagError
 
-NEURON_TARGETS = ("inf2", "trn1", "trn1n", "trn2")
-LNC_TARGETS = ("trn2",)  # targets where a logical NeuronCore may group 2 physical cores
 MODEL_TYPES = ("generic", "transformer", "unet-inference")
 AUTO_CAST = ("none", "matmult", "matmul", "all")  # "matmul": the spelling of older docs
 AUTO_CAST_TYPES = ("bf16", "fp16", "tf32", "fp8_e4m3")
 OPT_LEVELS = ("1", "2", "3")
-LNC_VALUES = ("1", "2")
+LNC_VALUES = tuple(sorted({s for t in NEURON_TARGETS for s in TARGETS[t].lnc_sizes}))
 
 # Options Kiln sets itself on every neuronx-cc command line.
 KILN_MANAGED = ("--target", "--framework", "--output", "--logfile")
@@ -46,9 +45,6 @@ VALUE_OPTIONS = frozenset(
 )
 ALIASES = {"--logical-nc-config": "--lnc", "-lnc": "--lnc"}
 
-
-class NeuronFlagError(PipelineError):
-    """A neuronx-cc flag that cannot work for the target; the message names the flag."""
 
 
 def _split(token: str) -> tuple[str, str | None]:
@@ -136,7 +132,7 @@ def validate_flags(target: str, flags: Iterable[str]) -> tuple[str, ...]:
             )
         if name == "--lnc":
             _choice(flag, value, LNC_VALUES, "LNC size")
-            if value != "1" and target not in LNC_TARGETS:
+            if value not in TARGETS[target].lnc_sizes:
                 raise NeuronFlagError(
                     f"compiler flag {flag!r}: LNC {value} needs target"
                     f" {' or '.join(LNC_TARGETS)}; {target} supports only --lnc=1"

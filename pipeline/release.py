@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import importlib.metadata
 import socket
 from dataclasses import dataclass
 
@@ -12,7 +13,6 @@ from artifacts.index.ops import WEIGHTS_KEY_ANNOTATION
 from artifacts.manifest import BlobRef, CompilerInfo, Graph, Provenance, Release, Source
 from artifacts.refs import TagName
 from artifacts.store import Store
-from kiln import __version__
 from pipeline.jobs import CompiledGraph, GraphJob, ModelPlan
 from pipeline.sources import raw_config, tokenizer_files
 from pipeline.weights import WeightBlobs
@@ -82,7 +82,7 @@ def build_release(
         ),
         graphs=tuple(entries),
         provenance=Provenance(
-            __version__,
+            importlib.metadata.version("kiln"),
             dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             socket.gethostname(),
             user,

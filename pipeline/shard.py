@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ShardError
 
 if TYPE_CHECKING:
     from pipeline.jobs import ModelPlan
@@ -36,9 +36,6 @@ INDEX_VARIABLES = (
 )
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
-
-class ShardError(PipelineError):
-    """A shard option or index variable is malformed or out of range."""
 
 
 @dataclass(frozen=True)

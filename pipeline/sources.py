@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SpecError
+from pipeline.file_digests import file_digest
 from pipeline.spec import ModelSource, ModelSpec
+from pipeline.tracers.versions import tracer_versions
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -18,7 +19,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "vocab.txt",
 )
-TRACER_PACKAGES = ("torch", "torch-xla", "transformers")
 
 
 def source_folder(source: ModelSource, model: str) -> Path | None:
@@ -86,8 +86,6 @@ def weight_files(folder: Path, model: str) -> list[Path]:
 
 def weights_identity(model: ModelSpec) -> dict[str, Any]:
     """What decides the weights: the weight files' digests, or the config and seed."""
-    from pipeline.file_digests import file_digest  # noqa: PLC0415
-
     folder = source_folder(model.source, model.name)
     if folder is None:
         return {
@@ -103,18 +101,6 @@ def tokenizer_files(model: ModelSpec) -> list[Path]:
     if folder is None:
         return []
     return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-
-
-@lru_cache(maxsize=1)
-def tracer_versions() -> dict[str, str]:
-    """Versions of the tracing libraries, read from package metadata (no import)."""
-    out = {}
-    for package in TRACER_PACKAGES:
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = "missing"
-    return out
 
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

@@ -12,11 +12,13 @@ from typing import Any
 
 from artifacts.digest import Digest
 from artifacts.refs import NAME_RULE, TAG_RULE, is_valid_name, is_valid_tag
-from pipeline.errors import SpecError
+from artifacts.targets import NEURON_TARGETS
+from artifacts.targets import TARGET_NAMES as TARGETS
+from pipeline.errors import NeuronFlagError, SpecError
+from pipeline.neuron_flags import validate_flags
 from pipeline.tracers import DEFAULT_TRACER, TRACERS
 
 TASKS = ("encoder", "causal-lm")
-TARGETS = ("cpu", "inf2", "trn1", "trn2")
 DTYPES = ("float32", "bfloat16", "float16")
 GRAPH_KINDS = {"encoder": ("encode",), "causal-lm": ("context_encoding", "token_generation")}
 MAX_BUCKET = 1 << 20
@@ -203,8 +205,6 @@ def _check_neuron_flags(
     flags: dict[str, tuple[str, ...]], where: str, per_target: bool, errors: _Path
 ) -> None:
     """Reject neuronx-cc flags that cannot work for their target (before any compile)."""
-    from pipeline.neuron_flags import NEURON_TARGETS, NeuronFlagError, validate_flags  # noqa: PLC0415
-
     for target, target_flags in flags.items():
         if target not in NEURON_TARGETS:
             continue

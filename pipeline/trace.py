@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.errors import TraceError
+from pipeline.layout import stored_layouts
 from pipeline.signature import ParameterKind, ParameterSpec, Signature, TensorSpec
 
 if TYPE_CHECKING:
@@ -346,7 +347,6 @@ def trace_graph(
     import torch_xla  # noqa: PLC0415
     from torch_xla import _XLAC  # noqa: PLC0415
 
-    from pipeline.layout import stored_layouts  # noqa: PLC0415
 
     device = torch_xla.device()
     traced = _module_on_device(module, device).eval()  # ``module`` itself is not touched

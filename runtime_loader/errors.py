@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from artifacts.errors import KilnError
 
-class LoaderError(Exception):
+
+class LoaderError(KilnError):
     """Root of every error the runtime loader raises on purpose."""
 
 

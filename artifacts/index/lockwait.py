@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from artifacts.errors import StoreIndexError
+from artifacts.errors import IndexLocked, StoreIndexError
 
 TIMEOUT_ENV = "KILN_INDEX_LOCK_TIMEOUT"
 DEFAULT_TIMEOUT_S = 120.0
@@ -23,9 +23,6 @@ NOTICE_EVERY_S = 30.0
 WAL_WRITE_LOCK_BYTE = 120  # in the -shm file: (22 + SQLITE_SHM_NLOCK) * 4
 RESERVED_BYTE = 0x40000001  # in the database file (rollback-journal mode)
 
-
-class IndexLocked(StoreIndexError):
-    """The index's write lock stayed held by another process for the whole lock timeout."""
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,21 @@ Importing this package loads no jaxlib and no compiler."""
 
 from __future__ import annotations
 
+from artifacts.targets import (
+    COMPILERS,
+    CPU_TARGETS,
+    NEURON_TARGETS,
+    NEURONX_CC,
+    TARGET_NAMES,
+    TARGETS,
+    XLA_CPU,
+)
 from pipeline.compile.base import Compiler, CompileResult
-from pipeline.compile.neuronx_cc import NEURON_TARGETS, NeuronxCcCompiler
-from pipeline.compile.xla_cpu import CPU_TARGET, XlaCpuCompiler
+from pipeline.compile.neuronx_cc import NeuronxCcCompiler
+from pipeline.compile.xla_cpu import XlaCpuCompiler
 from pipeline.errors import PipelineError
 
-CPU_TARGETS = (CPU_TARGET,)
-BACKENDS = ("xla-cpu", "neuronx-cc")
+BACKENDS = COMPILERS
 
 __all__ = [
     "BACKENDS",
@@ -23,9 +31,9 @@ __all__ = [
 
 
 def get_compiler(name: str) -> Compiler:
-    if name == "xla-cpu":
+    if name == XLA_CPU:
         return XlaCpuCompiler()
-    if name == "neuronx-cc":
+    if name == NEURONX_CC:
         return NeuronxCcCompiler()
     raise PipelineError(f"unknown compiler backend {name!r}; choose one of {BACKENDS}")
 
@@ -33,14 +41,9 @@ def get_compiler(name: str) -> Compiler:
 def backend_for_target(target: str, requested: str = "auto") -> str:
     """The backend that compiles for ``target``. A Neuron target always gets neuronx-cc
     (missing neuronx-cc fails the compile; it is never replaced by xla-cpu)."""
-    if target in CPU_TARGETS:
-        backend = "xla-cpu"
-    elif target in NEURON_TARGETS:
-        backend = "neuronx-cc"
-    else:
-        raise PipelineError(
-            f"unknown target {target!r}; choose one of {CPU_TARGETS + NEURON_TARGETS}"
-        )
+    if target not in TARGETS:
+        raise PipelineError(f"unknown target {target!r}; choose one of {TARGET_NAMES}")
+    backend = TARGETS[target].compiler
     if requested not in ("auto", backend):
         if requested not in BACKENDS:
             raise PipelineError(

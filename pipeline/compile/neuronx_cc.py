@@ -10,10 +10,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from artifacts.targets import NEFF_FORMAT, NEURON_TARGETS, NEURONX_CC
 from pipeline.compile.base import CompileResult
 from pipeline.errors import BackendUnavailableError, CompileError
 
-NEURON_TARGETS = ("inf2", "trn1", "trn1n", "trn2")
 HLO_FILE = "model.hlo_module.pb"
 NEFF_FILE = "model.neff"
 LOG_FILE = "log-neuron-cc.txt"
@@ -43,7 +43,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 class NeuronxCcCompiler:
-    name = "neuronx-cc"
+    name = NEURONX_CC
 
     def __init__(self) -> None:
         self._version: str | None = None
@@ -150,7 +150,7 @@ class NeuronxCcCompiler:
             )
         return CompileResult(
             executable=neff.read_bytes(),
-            format="neff",
+            format=NEFF_FORMAT,
             log=log,
             compiler=self.name,
             compiler_version=version,

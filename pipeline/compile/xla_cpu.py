@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from artifacts.targets import CPU_TARGETS, XLA_CPU, XLA_CPU_FORMAT
 from pipeline.compile.base import CompileResult
 from pipeline.errors import CompileError
 
-CPU_TARGET = "cpu"
 _client_lock = threading.Lock()
 _client: Any = None
 
@@ -38,7 +38,7 @@ def _cpu_client() -> Any:
 
 
 class XlaCpuCompiler:
-    name = "xla-cpu"
+    name = XLA_CPU
 
     def version(self) -> str:
         import jaxlib.version  # noqa: PLC0415
@@ -53,7 +53,7 @@ class XlaCpuCompiler:
         workdir: Path,
         timeout: float,
     ) -> CompileResult:
-        if target != CPU_TARGET:
+        if target not in CPU_TARGETS:
             raise ValueError(f"xla-cpu compiles for target 'cpu' only, not {target!r}")
         import jaxlib._jax as xla  # noqa: PLC0415
 
@@ -81,7 +81,7 @@ class XlaCpuCompiler:
         log.append(f"serialized executable {len(data)} bytes in {seconds:.3f}s")
         return CompileResult(
             executable=data,
-            format="xla-cpu",
+            format=XLA_CPU_FORMAT,
             log="\n".join(log) + "\n",
             compiler=self.name,
             compiler_version=version,

@@ -11,12 +11,13 @@ Importing this package imports no torch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.errors import PipelineError
-
-if TYPE_CHECKING:
-    from pipeline.trace import TracedGraph
+from pipeline.trace import TracedGraph, trace_graph
+from pipeline.tracers.torch_neuronx import package_version, require
+from pipeline.tracers.torch_neuronx import trace_graph as neuronx_trace
+from pipeline.tracers.versions import tracer_versions
 
 DEFAULT_TRACER = "torch-xla"
 TRACERS = (DEFAULT_TRACER, "torch-neuronx")
@@ -33,8 +34,6 @@ def require_tracer(name: str) -> None:
     if name == DEFAULT_TRACER:
         return
     if name == "torch-neuronx":
-        from pipeline.tracers.torch_neuronx import require  # noqa: PLC0415
-
         require()
         return
     raise _unknown(name)
@@ -44,24 +43,16 @@ def get_tracer(name: str) -> TraceFn:
     """The trace function of tracer `name` (its package is checked, not yet imported)."""
     require_tracer(name)
     if name == "torch-neuronx":
-        from pipeline.tracers.torch_neuronx import trace_graph as neuronx_trace  # noqa: PLC0415
-
         return neuronx_trace
-    from pipeline.trace import trace_graph  # noqa: PLC0415
-
     return trace_graph
 
 
 def tracer_identity(name: str) -> dict[str, str]:
     """What identifies the tracer in the direct key. The default tracer's identity is the
     library versions alone, as before tracers were selectable (its keys do not change)."""
-    from pipeline.sources import tracer_versions  # noqa: PLC0415
-
     versions = dict(tracer_versions())
     if name == DEFAULT_TRACER:
         return versions
     if name == "torch-neuronx":
-        from pipeline.tracers.torch_neuronx import package_version  # noqa: PLC0415
-
         return {**versions, "tracer": name, "torch-neuronx": package_version()}
     raise _unknown(name)

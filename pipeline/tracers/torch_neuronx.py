@@ -20,6 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from pipeline.errors import PipelineError, TraceError
+from pipeline.layout import stored_layouts
 from pipeline.signature import ParameterKind, ParameterSpec, Signature, TensorSpec
 from pipeline.trace import TracedGraph, _program_shape
 
@@ -115,7 +116,6 @@ def trace_graph(
             f" which leaves {len(free)} for the {len(names)} inputs {names}"
         )
     kinds.update({i: ("input", n) for i, n in zip(free, names, strict=True)})
-    from pipeline.layout import stored_layouts  # noqa: PLC0415
 
     layouts = stored_layouts(module)
     parameters = tuple(
