@@ -21,13 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime_loader.errors import BadInput, LoaderError
-from runtime_loader.executors.neff import (
-    NeffExecutable,
-    NeffRuntimeError,
-    NeuronRuntime,
-    find_libnrt,
-)
+from runtime_loader.errors import BadInput, LoaderError, NeffRuntimeError
+from runtime_loader.executors.neff import NeffExecutable, NeuronRuntime, find_libnrt
 
 STANDIN_SRC = Path(__file__).parent / "nrt_standin" / "nrt_standin.c"
 NO_DEVICE = "no Neuron runtime/device on this machine"

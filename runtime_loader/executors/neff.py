@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime_loader.errors import BadInput, LoaderError
+from runtime_loader.errors import BadInput, LoaderError, NeffRuntimeError
 
 DEFAULT_LIBNRT = "/opt/aws/neuron/lib/libnrt.so.1"
 
@@ -127,20 +127,11 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 
-class NeffRuntimeError(LoaderError):
-    """A libnrt call returned a status other than ``NRT_SUCCESS``."""
-
-    def __init__(self, function: str, status: int, detail: str = "") -> None:
-        self.function = function
-        self.status = status
-        self.status_name = NRT_STATUS_NAMES.get(status, "unknown NRT_STATUS")
-        where = f" ({detail})" if detail else ""
-        super().__init__(f"{function} failed{where}: NRT_STATUS {status} ({self.status_name})")
-
-
 def _check(function: str, status: int, detail: str = "") -> None:
     if status != NRT_SUCCESS:
-        raise NeffRuntimeError(function, status, detail)
+        raise NeffRuntimeError(
+            function, status, NRT_STATUS_NAMES.get(status, "unknown NRT_STATUS"), detail
+        )
 
 
 def find_libnrt() -> str | None:
