@@ -12,6 +12,7 @@ from artifacts.digest import Digest
 from artifacts.manifest import Graph, Release
 from runtime_loader import inputs
 from runtime_loader.cache import LocalCache
+from runtime_loader.cache_reads import map_cached, read_cached
 from runtime_loader.errors import BadExecutable, InputTooLarge, LoaderError
 from runtime_loader.release_check import check_release, check_weights
 from runtime_loader.sampling import SamplingConfig, next_tokens
@@ -114,8 +115,6 @@ class CompiledModel:
         formats = {g.format for g in release.graphs}
         if len(formats) != 1:
             raise LoaderError(f"release {digest}: mixed executable formats {sorted(formats)}")
-        from runtime_loader.api import map_cached  # noqa: PLC0415
-
         weights = MappedWeights(
             [
                 (f"weights {w.digest}", map_cached(cache, w.digest, refetch))
@@ -126,8 +125,6 @@ class CompiledModel:
         self._runner = _Runner(formats.pop(), weights)
 
     def _blob(self, digest: Digest) -> bytes:
-        from runtime_loader.api import read_cached  # noqa: PLC0415
-
         return read_cached(self._cache, digest, self._refetch)
 
     def buckets(self, kind: str | None = None) -> list[Bucket]:
