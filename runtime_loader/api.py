@@ -12,7 +12,8 @@ from artifacts.refs import parse_reference
 from runtime_loader.cache import LocalCache
 from runtime_loader.cache_reads import Refetch, read_cached
 from runtime_loader.errors import LoaderError, MissingFromCache, WrongTarget
-from runtime_loader.model import CompiledModel, model_for
+from runtime_loader.generate import CausalLM
+from runtime_loader.model import CompiledModel, EncoderModel
 from runtime_loader.pull import PullReport, needed_blobs, pull_release
 
 OFFLINE_ENV = "KILN_OFFLINE"
@@ -22,8 +23,15 @@ def offline_default() -> bool:
     return os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes")
 
 
+def model_for(
+    release: Release, digest: Digest, cache: LocalCache, refetch: Refetch | None = None
+) -> CompiledModel:
+    cls = CausalLM if release.source.task == "causal-lm" else EncoderModel
+    return cls(release, digest, cache, refetch)
+
+
 def _open_store(store: Any, index: str | None) -> Any:
-    from artifacts.store import Store  # noqa: PLC0415
+    from artifacts.store import Store  # noqa: PLC0415 - SQLAlchemy: only when a store is opened
 
     if store is not None and not isinstance(store, str | Path):
         return store
