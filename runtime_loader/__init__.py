@@ -10,6 +10,6 @@ __all__ = ["load"]
 
 def load(ref: str, **kwargs: Any) -> Any:
     """See runtime_loader.api.load."""
-    from runtime_loader.api import load as _load  # noqa: PLC0415
+    from runtime_loader.api import load as _load  # noqa: PLC0415 - numpy: not for `kiln --help`
 
     return _load(ref, **kwargs)

@@ -2,60 +2,36 @@
 
 from __future__ import annotations
 
-import mmap
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from artifacts.digest import Digest
-from artifacts.errors import BlobCorrupted, BlobNotFound, SizeMismatch
 from artifacts.manifest import Release
 from artifacts.refs import parse_reference
 from runtime_loader.cache import LocalCache
-from runtime_loader.errors import CorruptCachedBlob, LoaderError, MissingFromCache, WrongTarget
-from runtime_loader.model import CompiledModel, model_for
+from runtime_loader.cache_reads import Refetch, read_cached
+from runtime_loader.errors import LoaderError, MissingFromCache, WrongTarget
+from runtime_loader.generate import CausalLM
+from runtime_loader.model import CompiledModel, EncoderModel
 from runtime_loader.pull import PullReport, needed_blobs, pull_release
 
 OFFLINE_ENV = "KILN_OFFLINE"
-Refetch = Callable[[Digest], None]
-T = TypeVar("T")
 
 
 def offline_default() -> bool:
     return os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes")
 
 
-def read_cached(cache: LocalCache, digest: Digest, refetch: Refetch | None) -> bytes:
-    """Verified bytes from the cache; a corrupt or missing blob is fetched again when online."""
-    return _cached(cache.read, cache, digest, refetch)
-
-
-def map_cached(cache: LocalCache, digest: Digest, refetch: Refetch | None) -> mmap.mmap:
-    """A verified cached blob, memory-mapped (see LocalCache.map); refetched as read_cached."""
-    return _cached(cache.map, cache, digest, refetch)
-
-
-def _cached(
-    get: Callable[[Digest], T], cache: LocalCache, digest: Digest, refetch: Refetch | None
-) -> T:
-    try:
-        return get(digest)
-    except (BlobCorrupted, SizeMismatch, BlobNotFound) as exc:
-        if refetch is None:
-            if isinstance(exc, BlobNotFound):
-                raise MissingFromCache(str(digest), [str(digest)]) from None
-            raise CorruptCachedBlob(
-                f"cached blob {digest} is corrupted ({exc}); offline, so it cannot be fetched"
-                " again: go online or run `kiln pull`"
-            ) from None
-        cache.discard(digest)
-        refetch(digest)
-        return get(digest)
+def model_for(
+    release: Release, digest: Digest, cache: LocalCache, refetch: Refetch | None = None
+) -> CompiledModel:
+    cls = CausalLM if release.source.task == "causal-lm" else EncoderModel
+    return cls(release, digest, cache, refetch)
 
 
 def _open_store(store: Any, index: str | None) -> Any:
-    from artifacts.store import Store  # noqa: PLC0415
+    from artifacts.store import Store  # noqa: PLC0415 - SQLAlchemy: only when a store is opened
 
     if store is not None and not isinstance(store, str | Path):
         return store

@@ -9,7 +9,9 @@ import click
 
 from artifacts.cli import emit_json, json_option, store_options
 from artifacts.config import CACHE_ENV
+from artifacts.progress import ProgressLine
 from artifacts.table import human_size, human_time, render_table
+from runtime_loader.errors import BadInput
 
 cache_option = click.option(
     "--cache-dir",
@@ -39,7 +41,7 @@ def pull_command(
     as_json: bool,
 ) -> None:
     """Fetch (and verify) only the blobs REF needs into the local cache."""
-    from artifacts.progress import ProgressLine  # noqa: PLC0415
+    # Deferred, as below: the store, the cache and numpy stay out of `kiln --help`.
     from runtime_loader.api import resolve_and_pull  # noqa: PLC0415
     from runtime_loader.cache import LocalCache  # noqa: PLC0415
 
@@ -101,7 +103,6 @@ def run_command(
     """Run an encoder release on text or on an .npz of inputs."""
     import numpy as np  # noqa: PLC0415
 
-    from runtime_loader.errors import BadInput  # noqa: PLC0415
     from runtime_loader.inputs import load_npz  # noqa: PLC0415
 
     if bool(texts) == bool(input_path):
@@ -139,7 +140,6 @@ def run_command(
 
 
 def _ids(text: str) -> list[list[int]]:
-    from runtime_loader.errors import BadInput  # noqa: PLC0415
 
     rows = []
     for row in text.split(";"):
@@ -191,7 +191,6 @@ def generate_command(
 
     --temperature 0 means greedy decoding, as without --do-sample."""
     from runtime_loader import inputs  # noqa: PLC0415
-    from runtime_loader.errors import BadInput  # noqa: PLC0415
     from runtime_loader.sampling import SamplingConfig  # noqa: PLC0415
 
     prompts = _ids(prompt_ids)

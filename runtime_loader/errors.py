@@ -49,3 +49,14 @@ class BadExecutable(LoaderError, ValueError):
 
 class CacheFull(LoaderError):
     """The local cache's file system ran out of space while a blob was written."""
+
+
+class NeffRuntimeError(LoaderError):
+    """A libnrt call returned a status other than ``NRT_SUCCESS``."""
+
+    def __init__(self, function: str, status: int, status_name: str, detail: str = "") -> None:
+        self.function = function
+        self.status = status
+        self.status_name = status_name
+        where = f" ({detail})" if detail else ""
+        super().__init__(f"{function} failed{where}: NRT_STATUS {status} ({status_name})")

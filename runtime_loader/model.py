@@ -1,8 +1,9 @@
-"""A loaded release: bucket choice, padding, execution and trimming; generation for LMs."""
+"""A loaded release: bucket choice, padding, execution and trimming (generation for LMs is in
+generate.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,10 +13,11 @@ from artifacts.digest import Digest
 from artifacts.manifest import Graph, Release
 from runtime_loader import inputs
 from runtime_loader.cache import LocalCache
+from runtime_loader.cache_reads import map_cached, read_cached
 from runtime_loader.errors import BadExecutable, InputTooLarge, LoaderError
+from runtime_loader.executors import Executable, open_executor
 from runtime_loader.release_check import check_release, check_weights
-from runtime_loader.sampling import SamplingConfig, next_tokens
-from runtime_loader.weights import MappedWeights
+from runtime_loader.weights import BoundWeights, MappedWeights
 
 
 @dataclass(frozen=True)
@@ -25,72 +27,6 @@ class Bucket:
 
     def __str__(self) -> str:
         return f"{self.batch}x{self.seq}"
-
-
-class _Runner:
-    """Executes graphs of one executable format; weights uploaded once, shared by buckets."""
-
-    def __init__(self, fmt: str, weights: Mapping[str, np.ndarray]) -> None:
-        self.format = fmt
-        self.weights = weights
-        self._uploaded: dict[str, Any] = {}
-        self._executables: dict[Digest, Any] = {}
-        if fmt == "xla-cpu":
-            from runtime_loader.executors.xla_cpu import DeviceBuffers  # noqa: PLC0415
-
-            self._buffers = DeviceBuffers()
-        elif fmt == "neff":
-            from runtime_loader.executors.neff import NeuronRuntime, find_libnrt  # noqa: PLC0415
-
-            lib = find_libnrt()
-            if lib is None:
-                raise LoaderError(
-                    "this release holds NEFF executables but no Neuron runtime (libnrt) is"
-                    " installed here: run it on an Inferentia/Trainium host, or load a release"
-                    " compiled for target cpu"
-                )
-            self._runtime = NeuronRuntime(lib)
-        else:
-            raise LoaderError(f"unknown executable format {fmt!r}")
-
-    def executable(self, graph: Graph, read: Callable[[], bytes]) -> Any:
-        """The graph's executable, deserialized on first use (buckets load lazily)."""
-        exe = self._executables.get(graph.executable.digest)
-        if exe is None:
-            if self.format == "xla-cpu":
-                from runtime_loader.executors.xla_cpu import XlaCpuExecutable  # noqa: PLC0415
-
-                exe = XlaCpuExecutable.load(read(), self._buffers)
-            else:
-                from runtime_loader.executors.neff import NeffExecutable  # noqa: PLC0415
-
-                exe = NeffExecutable.load(self._runtime, read())
-            self._executables[graph.executable.digest] = exe
-        return exe
-
-    def weight(self, name: str) -> Any:
-        if self.format != "xla-cpu":
-            return self.weights[name]
-        handle = self._uploaded.get(name)
-        if handle is None:
-            handle = self._uploaded[name] = self._buffers.upload(self.weights[name])
-            release = getattr(self.weights, "release", None)
-            if release is not None and not handle.aliases_host:  # the device has its own copy
-                release(name)
-        return handle
-
-    def run(
-        self, graph: Graph, exe: Any, inputs: dict[str, Any], on_device: bool = False
-    ) -> list[Any]:
-        params = graph.signature["parameters"]
-        args = [
-            inputs[p["name"]] if p["kind"] == "input" else self.weight(p["name"]) for p in params
-        ]
-        if self.format == "xla-cpu":
-            return exe.run_on_device(args) if on_device else exe.run(args)
-        named = {f"input{i}": np.asarray(a) for i, a in enumerate(args)}
-        outputs = exe.run(named)
-        return [outputs[f"output{i}"] for i in range(len(graph.signature["outputs"]))]
 
 
 class CompiledModel:
@@ -114,8 +50,6 @@ class CompiledModel:
         formats = {g.format for g in release.graphs}
         if len(formats) != 1:
             raise LoaderError(f"release {digest}: mixed executable formats {sorted(formats)}")
-        from runtime_loader.api import map_cached  # noqa: PLC0415
-
         weights = MappedWeights(
             [
                 (f"weights {w.digest}", map_cached(cache, w.digest, refetch))
@@ -123,11 +57,11 @@ class CompiledModel:
             ]
         )
         check_weights(release, digest, weights)
-        self._runner = _Runner(formats.pop(), weights)
+        self._executor = open_executor(formats.pop())
+        self._weights = BoundWeights(self._executor, weights)
+        self._executables: dict[Digest, Executable] = {}
 
     def _blob(self, digest: Digest) -> bytes:
-        from runtime_loader.api import read_cached  # noqa: PLC0415
-
         return read_cached(self._cache, digest, self._refetch)
 
     def buckets(self, kind: str | None = None) -> list[Bucket]:
@@ -155,7 +89,7 @@ class CompiledModel:
     ) -> list[Any]:
         graph = self.graphs[(kind, bucket.batch, bucket.seq)]
         try:
-            exe = self._runner.executable(graph, lambda: self._blob(graph.executable.digest))
+            exe = self._executable(graph)
         except LoaderError:
             raise
         except ValueError as exc:
@@ -164,7 +98,35 @@ class CompiledModel:
                 f"release {self.name}@{self.digest.short}: graph {graph.kind}"
                 f" {graph.bucket_label}: executable {graph.executable.digest}: {reason}"
             ) from exc
-        return self._runner.run(graph, exe, inputs, on_device)
+        weights = self._weights
+        args = [
+            inputs[p["name"]] if p["kind"] == "input" else weights[p["name"]]
+            for p in graph.signature["parameters"]
+        ]
+        return exe.run_on_device(args) if on_device else exe.run(args)
+
+    def _executable(self, graph: Graph) -> Executable:
+        """The graph's executable, loaded on first use (buckets load lazily)."""
+        exe = self._executables.get(graph.executable.digest)
+        if exe is None:
+            exe = self._executor.load(self._blob(graph.executable.digest))
+            self._executables[graph.executable.digest] = exe
+        return exe
+
+    def close(self) -> None:
+        """Unload the executables and close the executor (a NEFF release's Neuron runtime)."""
+        executables, self._executables = list(self._executables.values()), {}
+        try:
+            for exe in executables:
+                exe.close()
+        finally:
+            self._executor.close()
+
+    def __enter__(self) -> CompiledModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def vocab_size(self) -> int | None:
@@ -278,128 +240,3 @@ class EncoderModel(CompiledModel):
         tokenizer.no_padding()
         tokenizer.no_truncation()
         return tokenizer
-
-
-class CausalLM(CompiledModel):
-    """Decoder LMs: context_encoding once, then token_generation with the KV cache."""
-
-    def generate(
-        self,
-        input_ids: Any,
-        max_new_tokens: int = 32,
-        eos_token_id: int | None = None,
-        do_sample: bool = False,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        seed: int | None = None,
-        pad_token_id: int | None = None,
-    ) -> np.ndarray:
-        """New tokens [batch, steps]; rows that hit EOS are filled with the pad token."""
-        steps = list(
-            self.generate_stream(
-                input_ids,
-                max_new_tokens,
-                eos_token_id,
-                do_sample,
-                top_k,
-                top_p,
-                temperature,
-                seed,
-                pad_token_id,
-            )
-        )
-        return np.stack(steps, axis=1)
-
-    def generate_stream(
-        self,
-        input_ids: Any,
-        max_new_tokens: int = 32,
-        eos_token_id: int | None = None,
-        do_sample: bool = False,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        seed: int | None = None,
-        pad_token_id: int | None = None,
-    ) -> Iterator[np.ndarray]:
-        """Yield one token per row per step as soon as it is chosen. Bad arguments (BadInput)
-        and a prompt too long for every bucket (InputTooLarge) fail here, before the first
-        step is asked for."""
-        prompts = inputs.prompts(input_ids, self.vocab_size)
-        inputs.generation(max_new_tokens, eos_token_id, seed, pad_token_id, self.vocab_size)
-        config = SamplingConfig(do_sample, temperature, top_k, top_p)
-        lengths = np.array([len(p) for p in prompts])
-        need = int(lengths.max()) + max_new_tokens - 1
-        bucket = self._generation_bucket(len(prompts), need)
-        pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
-        rng = np.random.default_rng(seed)
-        return self._steps(prompts, lengths, bucket, max_new_tokens, eos_token_id, config, rng, pad)
-
-    def _steps(
-        self,
-        prompts: list[list[int]],
-        lengths: np.ndarray,
-        bucket: Bucket,
-        max_new_tokens: int,
-        eos_token_id: int | None,
-        config: SamplingConfig,
-        rng: np.random.Generator,
-        pad: int,
-    ) -> Iterator[np.ndarray]:
-        ids = np.full((bucket.batch, bucket.seq), pad, dtype=np.int64)
-        mask = np.zeros((bucket.batch, bucket.seq), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = prompt
-            mask[row, : len(prompt)] = 1
-        mask[len(prompts) :, 0] = 1  # filler rows: one real token keeps their math finite
-        context = self._execute(
-            "context_encoding", bucket, {"input_ids": ids, "attention_mask": mask}, on_device=True
-        )
-        logits = np.asarray(context[0].numpy(), dtype=np.float32)  # bf16/fp16 logits too
-        cache = context[1:]
-        names = [t["name"] for t in self.signature("token_generation", bucket)["outputs"]][1:]
-        done = np.zeros(len(prompts), dtype=bool)
-        position = np.zeros(bucket.batch, dtype=np.int64)
-        position[: len(prompts)] = lengths
-        for step in range(max_new_tokens):
-            chosen = next_tokens(logits[: len(prompts)], config, rng)
-            chosen = np.where(done, pad, chosen)
-            yield chosen
-            if eos_token_id is not None:
-                done |= chosen == eos_token_id
-            if done.all() or step == max_new_tokens - 1:
-                return
-            feed = np.full((bucket.batch, 1), pad, dtype=np.int64)
-            feed[: len(prompts), 0] = chosen
-            outputs = self._execute(
-                "token_generation",
-                bucket,
-                {
-                    "input_ids": feed,
-                    "position": position,
-                    **dict(zip(names, cache, strict=True)),
-                },
-                on_device=True,
-            )
-            logits = np.asarray(outputs[0].numpy(), dtype=np.float32)
-            cache = outputs[1:]
-            position = position + 1
-
-    def _generation_bucket(self, batch: int, need: int) -> Bucket:
-        try:
-            return self.choose_bucket("context_encoding", batch, need)
-        except InputTooLarge:
-            listed = ", ".join(str(b) for b in self.buckets("context_encoding"))
-            raise InputTooLarge(
-                f"{self.name}: {batch} prompt(s) needing {need} positions (longest prompt +"
-                f" max_new_tokens - 1) fit no bucket (batch x seq: {listed}); shorten the prompt"
-                " or lower max_new_tokens"
-            ) from None
-
-
-def model_for(
-    release: Release, digest: Digest, cache: LocalCache, refetch: Any = None
-) -> CompiledModel:
-    cls = CausalLM if release.source.task == "causal-lm" else EncoderModel
-    return cls(release, digest, cache, refetch)

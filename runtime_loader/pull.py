@@ -14,6 +14,7 @@ from typing import Any
 from artifacts.digest import Digest
 from artifacts.errors import BlobCorrupted, SizeMismatch
 from artifacts.manifest import Release
+from artifacts.table import human_size
 from runtime_loader.cache import LocalCache
 from runtime_loader.errors import CacheFull, WrongTarget
 
@@ -48,8 +49,6 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def cache_full(cache: LocalCache, what: str, size: int | None) -> CacheFull:
-    from artifacts.table import human_size  # noqa: PLC0415
-
     try:
         free = f"{human_size(shutil.disk_usage(cache.root).free)} free"
     except OSError:

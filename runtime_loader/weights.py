@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from runtime_loader.errors import LoaderError
+from runtime_loader.executors.base import Executor
 from runtime_loader.safetensors_np import load_safetensors, tensor_spans
 
 
@@ -51,3 +53,22 @@ class MappedWeights(Mapping[str, np.ndarray]):
                 mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
             except (OSError, ValueError):
                 pass
+
+
+class BoundWeights:
+    """A model's weights as its executor takes them, each bound on first use and then shared
+    by every bucket; once the executor holds its own copy of one, the host's pages of it are
+    given back."""
+
+    def __init__(self, executor: Executor, weights: Mapping[str, np.ndarray]) -> None:
+        self._executor = executor
+        self._weights = weights
+        self._bound: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        handle = self._bound.get(name)
+        if handle is None:
+            handle = self._bound[name] = self._executor.bind(self._weights[name])
+            if isinstance(self._weights, MappedWeights) and self._executor.owns_copy(handle):
+                self._weights.release(name)
+        return handle

@@ -83,8 +83,8 @@ _UPLOAD_PEAK = """
 import json, resource, sys
 from artifacts.digest import Digest
 from runtime_loader.cache import LocalCache
-from runtime_loader.model import _Runner
-from runtime_loader.weights import MappedWeights
+from runtime_loader.executors.xla_cpu import XlaCpuExecutor
+from runtime_loader.weights import BoundWeights, MappedWeights
 
 def rss_kb():
     for line in open("/proc/self/status"):
@@ -92,13 +92,13 @@ def rss_kb():
             return int(line.split()[1])
 
 cache = LocalCache(sys.argv[1])
-runner = _Runner("xla-cpu", {})
-runner._buffers.upload(__import__("numpy").zeros(4, "float32"))  # the client, started
+executor = XlaCpuExecutor()
+executor.bind(__import__("numpy").zeros(4, "float32"))  # the client, started
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 weights = MappedWeights([("w", cache.map(Digest.parse(sys.argv[2])))])
-runner.weights = weights
+bound = BoundWeights(executor, weights)
 for name in weights:
-    runner.weight(name)
+    bound[name]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"before": before, "peak": peak, "now": rss_kb()}))
 sys.stdout.flush()

@@ -1,10 +1,12 @@
 """The ``neff`` executor against a C stand-in for libnrt (tests/nrt_standin/nrt_standin.c: no
 Neuron runtime or device exists here), and against the real libnrt where one and a Neuron
-device are present."""
+device are present; and a NEFF release loaded and run through `runtime_loader.load`."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import datetime as dt
 import gzip
 import hashlib
 import io
@@ -20,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save
 
-from runtime_loader.errors import BadInput, LoaderError
-from runtime_loader.executors.neff import (
-    NeffExecutable,
-    NeffRuntimeError,
-    NeuronRuntime,
-    find_libnrt,
-)
+import runtime_loader
+from artifacts.manifest import BlobRef, CompilerInfo, Graph, Provenance, Release, Source
+from artifacts.store import Store
+from runtime_loader.errors import BadInput, LoaderError, NeffRuntimeError
+from runtime_loader.executors import EXECUTORS, open_executor
+from runtime_loader.executors.neff import NeffExecutable, NeuronRuntime, TensorSpec, find_libnrt
+from runtime_loader.executors.xla_cpu import XlaCpuExecutor
 
 STANDIN_SRC = Path(__file__).parent / "nrt_standin" / "nrt_standin.c"
 NO_DEVICE = "no Neuron runtime/device on this machine"
@@ -104,7 +107,7 @@ def test_load_and_run(runtime: NeuronRuntime, standin_lib: Path, tmp_path: Path)
     assert (spec_out.name, spec_out.shape) == ("output0", (4,))
     x = np.array([0.0, 1.5, -2.0, 3.25], dtype=np.float32)
     for _ in range(2):
-        out = exe.run({"input0": x})
+        out = exe.run_named({"input0": x})
         assert list(out) == ["output0"]
         assert out["output0"].dtype == np.float32
         np.testing.assert_array_equal(out["output0"], x * 2 + 1)
@@ -118,7 +121,7 @@ def test_shape_and_cast(runtime: NeuronRuntime) -> None:
     with NeffExecutable.load(runtime, make_neff("standin:2,3")) as exe:
         assert exe.inputs[0].shape == (2, 3)
         x = np.arange(6, dtype=np.int32).reshape(2, 3)  # int32 -> float32 is "same_kind"
-        y = exe.run({"input0": x})["output0"]
+        y = exe.run_named({"input0": x})["output0"]
         assert y.shape == (2, 3)
         np.testing.assert_array_equal(y, x.astype(np.float32) * 2 + 1)
 
@@ -147,13 +150,13 @@ def test_bad_neff_raises(runtime: NeuronRuntime, standin_lib: Path, neff: bytes)
 def test_bad_inputs(runtime: NeuronRuntime) -> None:
     with NeffExecutable.load(runtime, make_neff("standin:4")) as exe:
         with pytest.raises(BadInput, match="missing"):
-            exe.run({})
+            exe.run_named({})
         with pytest.raises(BadInput, match="unexpected"):
-            exe.run({"input0": np.zeros(4, np.float32), "other": np.zeros(1)})
+            exe.run_named({"input0": np.zeros(4, np.float32), "other": np.zeros(1)})
         with pytest.raises(BadInput, match="shape"):
-            exe.run({"input0": np.zeros(5, np.float32)})
+            exe.run_named({"input0": np.zeros(5, np.float32)})
         with pytest.raises(BadInput, match="float32"):
-            exe.run({"input0": np.zeros(4, np.complex64)})
+            exe.run_named({"input0": np.zeros(4, np.complex64)})
 
 
 def test_execute_failure_frees_everything(runtime: NeuronRuntime, standin_lib: Path) -> None:
@@ -161,7 +164,7 @@ def test_execute_failure_frees_everything(runtime: NeuronRuntime, standin_lib: P
         before = live_objects(standin_lib)
         exe.vnc = 1  # tensors land on another core than the model's: the stand-in rejects them
         with pytest.raises(NeffRuntimeError, match=r"nrt_execute failed.*NRT_INVALID"):
-            exe.run({"input0": np.zeros(4, np.float32)})
+            exe.run_named({"input0": np.zeros(4, np.float32)})
         assert live_objects(standin_lib) == before
 
 
@@ -174,9 +177,26 @@ def test_runtime_close_unloads_models(standin_lib: Path) -> None:
     rt.close()
     assert live_objects(standin_lib) == before
     with pytest.raises(LoaderError, match="closed"):
-        exe.run({"input0": np.zeros(1, np.float32)})
+        exe.run_named({"input0": np.zeros(1, np.float32)})
     with pytest.raises(LoaderError, match="closed"):
         NeffExecutable.load(rt, make_neff("standin:1"))
+
+
+def test_run_binds_arguments_by_position(runtime: NeuronRuntime) -> None:
+    with NeffExecutable.load(runtime, make_neff("standin:3")) as exe:
+        x = np.array([1.0, -1.0, 0.5], dtype=np.float32)
+        (y,) = exe.run([x])
+        np.testing.assert_array_equal(y, x * 2 + 1)
+        assert exe.run_on_device([x])[0].tolist() == y.tolist()
+        with pytest.raises(BadInput, match="takes 1 argument"):
+            exe.run([x, x])
+
+
+def test_run_refuses_tensors_not_named_by_position(runtime: NeuronRuntime) -> None:
+    spec = TensorSpec("ids", np.dtype(np.float32), (4,), 16, 0xA)
+    exe = NeffExecutable(runtime, ctypes.c_void_p(), b"", 0, (spec,), (spec,))
+    with pytest.raises(LoaderError, match="inputs are named ids: arguments are bound by position"):
+        exe.run([np.zeros(4, np.float32)])
 
 
 def test_find_libnrt_prefers_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -222,7 +242,99 @@ def test_real_runtime() -> None:
             pytest.skip("set KILN_TEST_NEFF to a compiled .neff to execute one")
         with NeffExecutable.load(rt, Path(neff_path).read_bytes()) as exe:
             feeds = {s.name: np.zeros(s.shape, s.dtype) for s in exe.inputs}
-            out = exe.run(feeds)
+            out = exe.run_named(feeds)
             assert {s.name: (s.shape, s.dtype) for s in exe.outputs} == {
                 k: (v.shape, v.dtype) for k, v in out.items()
             }
+
+
+# -- a NEFF release through runtime_loader.load ----------------------------------------------
+def _blob(store: Store, data: bytes) -> BlobRef:
+    put = store.put_bytes(data)
+    return BlobRef(put.digest, put.size)
+
+
+def _graph(store: Store, kind: str, batch: int, seq: int, neff_name: str) -> Graph:
+    """One graph whose only parameter is input_ids, as the stand-in's one-input NEFF takes it."""
+    shape = [batch, seq if kind == "context_encoding" else 1]
+    return Graph(
+        kind=kind,
+        bucket={"batch": batch, "seq": seq},
+        signature={
+            "parameters": [{"name": "input_ids", "kind": "input"}],
+            "inputs": [{"name": "input_ids", "dtype": "int64", "shape": shape}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": shape}],
+        },
+        hlo=_blob(store, f"HloModule {kind}".encode()),
+        executable=_blob(store, make_neff(neff_name)),
+        format="neff",
+        compiler=CompilerInfo("neuronx-cc", "2.15.141.0"),
+        hlo_key=f"hlo-{kind}",
+    )
+
+
+def neff_lm_store(root: Path, batch: int = 2, seq: int = 8) -> Path:
+    """A store holding `standin-lm:latest`, a causal-lm release of NEFF graphs the stand-in
+    runs: context_encoding computes logits = 2 * input_ids + 1 over the bucket's positions,
+    token_generation the same over the one fed token (a vocabulary of one)."""
+    path = root / "store"
+    with Store.open(str(path)) as store:
+        graphs = (
+            _graph(store, "context_encoding", batch, seq, f"standin:{batch},{seq}"),
+            _graph(store, "token_generation", batch, seq, f"standin:{batch},1"),
+        )
+        release = Release(
+            name="standin-lm",
+            target="inf2",
+            source=Source(
+                "causal-lm",
+                "arch-standin",
+                {"vocab_size": 100, "pad_token_id": 0},
+                (_blob(store, save({"unused.weight": np.zeros(2, np.float32)})),),
+            ),
+            graphs=graphs,
+            provenance=Provenance("0.1.0", dt.datetime.now(dt.UTC).isoformat(), "h", "u"),
+        )
+        store.tag(str(store.put_release(release)), "standin-lm:latest")
+    return path
+
+
+def test_generate_on_a_neff_release(
+    standin_lib: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generation through the NEFF executor: the logits it returns are host arrays (this
+    raised AttributeError when generation called `.numpy()` on every executor's outputs)."""
+    monkeypatch.setenv("KILN_LIBNRT", str(standin_lib))
+    store = neff_lm_store(tmp_path)
+    before = live_objects(standin_lib)
+    prompts = [[5, 9, 3], [7, 2]]
+    lm = runtime_loader.load("standin-lm:latest", store=store, cache_dir=tmp_path / "c")
+    with contextlib.closing(lm):
+        tokens = lm.generate(prompts, max_new_tokens=3)
+        # step 1: argmax over the 8 positions of 2 * padded ids + 1, the largest prompt id;
+        # later steps: the one-token vocabulary of token_generation.
+        np.testing.assert_array_equal(tokens, [[1, 0, 0], [0, 0, 0]])
+        streamed = list(lm.generate_stream([[1, 2, 8]], max_new_tokens=2))
+        assert [t.tolist() for t in streamed] == [[2], [0]]
+        assert live_objects(standin_lib) == before + 2  # both graphs loaded, nothing else
+    assert live_objects(standin_lib) == before
+    with NeuronRuntime(standin_lib):  # closed by the model, so it can be opened again
+        pass
+
+
+def test_a_neff_release_without_libnrt_is_named(
+    standin_lib: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KILN_LIBNRT", raising=False)
+    if find_libnrt() is not None:
+        pytest.skip("a Neuron runtime is installed here")
+    store = neff_lm_store(tmp_path)
+    with pytest.raises(LoaderError, match=r"NEFF executables but no Neuron runtime \(libnrt\)"):
+        runtime_loader.load("standin-lm:latest", store=store, cache_dir=tmp_path / "c")
+
+
+def test_executors_by_format() -> None:
+    assert sorted(EXECUTORS) == ["neff", "xla-cpu"]
+    assert isinstance(open_executor("xla-cpu"), XlaCpuExecutor)
+    with pytest.raises(LoaderError, match="unknown executable format 'tpu-v9'"):
+        open_executor("tpu-v9")

@@ -10,6 +10,10 @@ and ``nrt_execute``. Only ctypes, numpy and the standard library are imported.
 
 Tensors are exchanged as numpy arrays of the dtype and shape the model reports. numpy has
 no bfloat16 or fp8 types: such tensors go in and come out as their raw bits (uint16 / uint8).
+
+:class:`NeffExecutor` is the loader's executor for the format (see ``executors/base.py``):
+arguments by position, bound to the NEFF's tensors by the names neuronx-cc gives HLO
+parameters and results, ``input<i>`` and ``output<i>``.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ import ctypes
 import ctypes.util
 import math
 import os
+import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from runtime_loader.errors import BadInput, LoaderError
+from runtime_loader.errors import BadInput, LoaderError, NeffRuntimeError
 
 DEFAULT_LIBNRT = "/opt/aws/neuron/lib/libnrt.so.1"
 
@@ -127,20 +132,11 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 
-class NeffRuntimeError(LoaderError):
-    """A libnrt call returned a status other than ``NRT_SUCCESS``."""
-
-    def __init__(self, function: str, status: int, detail: str = "") -> None:
-        self.function = function
-        self.status = status
-        self.status_name = NRT_STATUS_NAMES.get(status, "unknown NRT_STATUS")
-        where = f" ({detail})" if detail else ""
-        super().__init__(f"{function} failed{where}: NRT_STATUS {status} ({self.status_name})")
-
-
 def _check(function: str, status: int, detail: str = "") -> None:
     if status != NRT_SUCCESS:
-        raise NeffRuntimeError(function, status, detail)
+        raise NeffRuntimeError(
+            function, status, NRT_STATUS_NAMES.get(status, "unknown NRT_STATUS"), detail
+        )
 
 
 def find_libnrt() -> str | None:
@@ -271,6 +267,7 @@ class NeffExecutable:
         self.outputs = outputs
         self._model: ctypes.c_void_p | None = model
         self._neff = neff  # kept alive as long as the model
+        self._order: tuple[list[str], list[str]] | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -308,7 +305,23 @@ class NeffExecutable:
             raise
         return exe
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Execute once with arguments in HLO parameter order (``input0``, ``input1``, ...);
+        returns the outputs in result order. Outputs are host arrays (libnrt's tensors are
+        freed after every call), so ``run_on_device`` is the same call."""
+        if self._order is None:
+            self._order = (_positional(self.inputs, "input"), _positional(self.outputs, "output"))
+        inputs, outputs = self._order
+        if len(args) != len(inputs):
+            raise BadInput(
+                f"the NEFF takes {len(inputs)} argument(s) in parameter order, got {len(args)}"
+            )
+        results = self.run_named(dict(zip(inputs, args, strict=True)))
+        return [results[name] for name in outputs]
+
+    run_on_device = run
+
+    def run_named(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Execute once: every model input by name, of its shape (values are cast to its dtype
         where numpy's "same_kind" allows); returns every output by name."""
         arrays = self._check_inputs(inputs)
@@ -416,6 +429,18 @@ class NeffExecutable:
         self.close()
 
 
+def _positional(specs: tuple[TensorSpec, ...], prefix: str) -> list[str]:
+    """The tensors' names in position order, when they are ``<prefix>0`` .. ``<prefix>N-1``."""
+    numbered = {int(m[1]): s.name for s in specs if (m := re.fullmatch(prefix + r"(\d+)", s.name))}
+    if sorted(numbered) != list(range(len(specs))):
+        listed = ", ".join(s.name for s in specs)
+        raise LoaderError(
+            f"the NEFF's {prefix}s are named {listed}: arguments are bound by position to"
+            f" {prefix}0 .. {prefix}{len(specs) - 1}, as neuronx-cc names them"
+        )
+    return [numbered[i] for i in range(len(specs))]
+
+
 def _model_tensors(lib: ctypes.CDLL, model: ctypes.c_void_p) -> list[tuple[int, TensorSpec]]:
     """(usage, spec) for every tensor ``nrt_get_model_tensor_info`` lists, then freed."""
     info = ctypes.POINTER(_TensorInfoArray)()
@@ -430,3 +455,39 @@ def _model_tensors(lib: ctypes.CDLL, model: ctypes.c_void_p) -> list[tuple[int, 
         raise
     _check("nrt_free_model_tensor_info", lib.nrt_free_model_tensor_info(info))
     return specs
+
+
+class NeffExecutor:
+    """The loader's executor for ``neff`` releases (see ``executors/base.py``): a
+    :class:`NeuronRuntime` per model, its NEFFs loaded on NeuronCore 0."""
+
+    format = "neff"
+
+    def __init__(self, runtime: NeuronRuntime) -> None:
+        self.runtime = runtime
+
+    @classmethod
+    def open(cls) -> NeffExecutor:
+        lib = find_libnrt()
+        if lib is None:
+            raise LoaderError(
+                "this release holds NEFF executables but no Neuron runtime (libnrt) is"
+                " installed here: run it on an Inferentia/Trainium host, or load a release"
+                " compiled for target cpu"
+            )
+        return cls(NeuronRuntime(lib))
+
+    def load(self, executable: bytes) -> NeffExecutable:
+        return NeffExecutable.load(self.runtime, executable)
+
+    def bind(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def owns_copy(self, bound: np.ndarray) -> bool:
+        return False  # weights go in with every call, from the host's arrays
+
+    def to_host(self, value: np.ndarray) -> np.ndarray:
+        return value
+
+    def close(self) -> None:
+        self.runtime.close()

@@ -257,3 +257,31 @@ class XlaCpuExecutable:
 
     def run(self, args: Sequence[np.ndarray | DeviceBuffer]) -> list[np.ndarray]:
         return [buf.numpy() for buf in self.run_on_device(args)]
+
+    def close(self) -> None:
+        """Nothing to release early: the jaxlib executable is freed with this object."""
+
+
+class XlaCpuExecutor:
+    """The loader's executor for ``xla-cpu`` releases (see ``executors/base.py``): weights
+    uploaded once into the process-wide CPU client, shared by every bucket's executable."""
+
+    format = "xla-cpu"
+
+    def __init__(self) -> None:
+        self.buffers = DeviceBuffers()
+
+    def load(self, executable: bytes) -> XlaCpuExecutable:
+        return XlaCpuExecutable.load(executable, self.buffers)
+
+    def bind(self, array: np.ndarray) -> DeviceBuffer:
+        return self.buffers.upload(array)
+
+    def owns_copy(self, bound: DeviceBuffer) -> bool:
+        return not bound.aliases_host  # an adopted (aligned) array's pages must stay
+
+    def to_host(self, value: DeviceBuffer) -> np.ndarray:
+        return value.numpy()
+
+    def close(self) -> None:
+        """Nothing to close: the CPU client is shared by the process."""
