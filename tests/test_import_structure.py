@@ -15,10 +15,7 @@ import kiln
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("artifacts", "pipeline", "runtime_loader", "kiln")
-# Circles that other branches of issue 12 remove; the integrator empties this at merge.
-KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset(
-    {frozenset({"runtime_loader", "runtime_loader.api", "runtime_loader.model"})}
-)
+KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset()  # none left
 # Files whose function-local stdlib imports other branches of issue 12 remove.
 LOCAL_STDLIB_PENDING = frozenset(
     {
@@ -84,7 +81,9 @@ def _resolve(module: str, node: ast.Import | ast.ImportFrom, known: dict[str, Pa
             for _ in range(node.level - 1):
                 package = package.rpartition(".")[0]
             base = f"{package}.{base}".strip(".")
-        names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        names = [f"{base}.{alias.name}" for alias in node.names]
+        if not all(name in known for name in names):  # `from pkg import submodule` needs
+            names.append(base)  # the submodule, not the package's own namespace
     out = []
     for name in names:
         while name and name not in known:
