@@ -13,6 +13,8 @@ from artifacts.refs import NAME_RULE, is_valid_name
 from artifacts.validate import Reader
 
 RELEASE_MEDIA_TYPE = "application/vnd.kiln.release.v1+json"
+# the release annotation naming its weights key (the index maps it to the weights blob)
+WEIGHTS_KEY_ANNOTATION = "io.kiln.weights_key"
 SCHEMA_VERSION = 1
 EXECUTABLE_FORMATS = ("xla-cpu", "neff")
 
