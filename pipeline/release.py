@@ -8,8 +8,15 @@ import socket
 from dataclasses import dataclass
 
 from artifacts.digest import Digest
-from artifacts.index.ops import WEIGHTS_KEY_ANNOTATION
-from artifacts.manifest import BlobRef, CompilerInfo, Graph, Provenance, Release, Source
+from artifacts.manifest import (
+    WEIGHTS_KEY_ANNOTATION,
+    BlobRef,
+    CompilerInfo,
+    Graph,
+    Provenance,
+    Release,
+    Source,
+)
 from artifacts.refs import TagName
 from artifacts.store import Store
 from kiln import __version__
