@@ -48,6 +48,7 @@ from artifacts.index.db import (
 from artifacts.index.models import BlobRow, ManifestRow, TagHistoryRow, TagRow
 from artifacts.index.ops import apply_tag_event
 from artifacts.index.queries import Compilation, Recipe, WeightsEntry
+from artifacts.index.reader import open_for_reading
 from artifacts.manifest import Release
 from artifacts.records import CompilationRecord, RunRecord, TagEvent
 from artifacts.refs import Reference, TagName, parse_reference, parse_tag_name
@@ -95,8 +96,6 @@ class Store:
         backend = open_backend(url, create=create)
         index = resolve_index_url(url, index_url)
         if not create:
-            from artifacts.index.reader import open_for_reading  # noqa: PLC0415
-
             engine, problem = open_for_reading(index)
             return cls(backend, engine, index, problem)
         engine = make_engine(index)

@@ -12,6 +12,7 @@ from typing import Any
 from artifacts.digest import Digest
 from artifacts.store import Store
 from pipeline.compile import backend_for_target
+from pipeline.compile.neuronx_cc import NeuronxCcCompiler
 from pipeline.keys import architecture_digest, direct_key, weights_key
 from pipeline.memory import check_model as check_model_memory
 from pipeline.memory import host_memory_bytes
@@ -90,8 +91,6 @@ def compiler_version(name: str) -> str | None:
     if name == "neuronx-cc":
         if shutil.which("neuronx-cc") is None:
             return None
-        from pipeline.compile.neuronx_cc import NeuronxCcCompiler  # noqa: PLC0415
-
         try:
             return NeuronxCcCompiler().version()
         except (OSError, subprocess.SubprocessError, RuntimeError, ValueError):

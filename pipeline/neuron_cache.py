@@ -43,6 +43,7 @@ from artifacts.store import Compilation, Store
 from pipeline.errors import PipelineError
 from pipeline.keys import hlo_key
 from pipeline.neuron_flags import NEURON_TARGETS, split_target
+from pipeline.trace import hlo_digest_bytes
 from pipeline.triage import triage
 
 COMPILER = "neuronx-cc"
@@ -370,8 +371,6 @@ def _read_flags(source: CacheSource, entry: CacheEntry) -> tuple[list[str], str]
 
 def _prepare(source: CacheSource, entry: CacheEntry, default_target: str) -> _Prepared:
     """Read one complete entry; ValueError / NeffError say why it cannot be imported."""
-    from pipeline.trace import hlo_digest_bytes  # noqa: PLC0415
-
     original_flags, flags_text = _read_flags(source, entry)
     target, flags = split_target(original_flags)
     target = target or default_target

@@ -26,6 +26,7 @@ from pipeline.errors import CompileError
 from pipeline.jobs import CompiledGraph, GraphJob, find_compilation
 from pipeline.keys import hlo_key
 from pipeline.spec import ModelSpec
+from pipeline.trace import hlo_digest_bytes, weight_tensors
 from pipeline.triage import triage
 from pipeline.weights import WeightBlobs, store_weights
 
@@ -92,7 +93,6 @@ def trace_model(
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.sources import load_model  # noqa: PLC0415
-    from pipeline.trace import hlo_digest_bytes, weight_tensors  # noqa: PLC0415
     from pipeline.tracers import get_tracer  # noqa: PLC0415
 
     store = _store(store_url, index_url) if write or weights_key else None

@@ -1,6 +1,6 @@
 """Typed record documents (issue 12): compile and run records write the same bytes as the
-dicts they replace, records of older shapes still parse and index, and a tag move is one
-TagEvent from `kiln tag` to `kiln history`."""
+dicts they replace, records of older shapes still parse and index, a tag move is one
+TagEvent from `kiln tag` to `kiln history`, and statuses are enums of the same strings."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from artifacts.records import (
 from artifacts.reindex import reindex
 from artifacts.store import Store
 from artifacts.tagrefs import read_tag_ref
+from pipeline.jobs import GraphJob
+from pipeline.planview import PlanRow, PlanStatus
+from pipeline.spec import Bucket
 from tests.conftest import build_release
 
 HLO_KEY = "sha256:" + "1" * 64
@@ -212,3 +215,23 @@ def test_a_tag_move_is_the_tag_event_it_stored(store_dir: Path) -> None:
     assert set(two.to_move_json()) == {
         "name", "tag", "digest", "previous", "at", "user", "host", "reason"
     }
+
+
+def test_plan_rows_print_their_kind_and_detail_as_before() -> None:
+    """`kiln plan` statuses are a kind and a detail (no more splitting the printed text)."""
+    key = "sha256:" + "7" * 64
+    job = GraphJob("m", "encoder", Bucket(1, 32), "cpu", (), "xla-cpu", "jaxlib", "float32", key)
+    rows = [
+        PlanRow(job, PlanStatus.DIRECT_HIT),
+        PlanRow(job, PlanStatus.COMPILE, "(not traced)"),
+        PlanRow(job, PlanStatus.UNAVAILABLE, "neuronx-cc is not installed"),
+        PlanRow(job, PlanStatus.TRACE_FAILED, "trace failed: ValueError: x"),
+    ]
+    assert [r.status for r in rows] == [
+        "direct-hit",
+        "compile (not traced)",
+        "unavailable: neuronx-cc is not installed",
+        "trace-failed: trace failed: ValueError: x",
+    ]
+    assert json.loads(json.dumps([r.to_json() for r in rows]))[2]["status"] == rows[2].status
+    assert [str(r.kind) for r in rows] == ["direct-hit", "compile", "unavailable", "trace-failed"]
