@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 import click
 
 from artifacts.config import INDEX_ENV, STORE_ENV
+from artifacts.errors import ArchiveError, ArtifactError, ReferenceNotFound
+from artifacts.progress import ProgressLine
 from artifacts.table import human_size, human_time, render_table
 
 
@@ -119,18 +122,9 @@ def stats_command(store_url: str | None, index_url: str | None, as_json: bool) -
 
 def _compilations(store, column: str, value: str) -> list[tuple[str, dict[str, Any]]]:  # type: ignore[no-untyped-def]
     """(record digest, compile record) of the compilations whose `column` is `value`."""
-    from sqlalchemy import select  # noqa: PLC0415
+    from artifacts.digest import Digest  # noqa: PLC0415 - hashlib only when used (kiln --help)
 
-    from artifacts.digest import Digest  # noqa: PLC0415
-    from artifacts.index.models import CompilationRow  # noqa: PLC0415
-
-    with store.require_index("looking up compilations").connect() as conn:
-        digests = conn.execute(
-            select(CompilationRow.record_digest)
-            .where(getattr(CompilationRow, column) == value)
-            .order_by(CompilationRow.created_at.desc())
-        ).scalars()
-        found = list(digests)
+    found = [c.record_digest for c in store.compilations(**{column: value})]
     return [(d, json.loads(store.read_bytes(Digest.parse(d)))) for d in found]
 
 
@@ -175,7 +169,6 @@ def _echo_neff(store, digest) -> None:  # type: ignore[no-untyped-def]
 
 def _neff_headers(store, release) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """executable digest -> NeffHeader (or the problem, as text) for a release's NEFF graphs."""
-    from artifacts.errors import ArtifactError  # noqa: PLC0415
     from artifacts.neff import read_neff_header  # noqa: PLC0415
 
     out: dict[str, Any] = {}
@@ -203,7 +196,6 @@ def show_command(
 ) -> None:
     """Show a release (NAME:TAG, NAME@DIGEST, digest or prefix) or any blob by digest: a
     NEFF's header, a compile record or a compile log with the cause of a failed compile."""
-    from artifacts.errors import ReferenceNotFound  # noqa: PLC0415
     from artifacts.inspect import show_blob, show_release  # noqa: PLC0415
 
     with open_store(store_url, index_url, create=False) as store:
@@ -326,7 +318,7 @@ def history_command(
     with open_store(store_url, index_url, create=False) as store:
         moves = store.history(name_tag)
     if as_json:
-        emit_json([m.__dict__ for m in moves])
+        emit_json([m.to_move_json() for m in moves])
         return
     click.echo(
         render_table(
@@ -398,7 +390,7 @@ def tag_command(
     with open_store(store_url, index_url) as store:
         move = store.tag(source, destination, reason)
     if as_json:
-        emit_json(move.__dict__)
+        emit_json(move.to_move_json())
         return
     was = f" (was {short(move.previous)})" if move.previous else ""
     click.echo(f"{move.name}:{move.tag} -> {move.digest}{was}")
@@ -418,8 +410,6 @@ def verify_command(
     store_url: str | None, index_url: str | None, as_json: bool, workers: int
 ) -> None:
     """Rehash every blob and check the index against the blobs; exit 1 naming bad digests."""
-    from artifacts.index.db import display_url  # noqa: PLC0415
-    from artifacts.progress import ProgressLine  # noqa: PLC0415
     from artifacts.verify import verify_store  # noqa: PLC0415
 
     with open_store(store_url, index_url, create=False) as store:
@@ -435,7 +425,7 @@ def verify_command(
         if report.index_problems:
             first, more = report.index_problems[0], len(report.index_problems) - 1
             click.echo(
-                f"BAD index {display_url(store.index_url)}: {first}"
+                f"BAD index {store.index_label}: {first}"
                 + (f" (and {more} more)" if more else "")
                 + "; rebuild it from the blobs with `kiln reindex`"
             )
@@ -533,7 +523,6 @@ def reindex_command(
     drop_unreadable: bool, store_url: str | None, index_url: str | None, as_json: bool
 ) -> None:
     """Rebuild the index from the blobs alone."""
-    from artifacts.progress import ProgressLine  # noqa: PLC0415
     from artifacts.reindex import reindex  # noqa: PLC0415
 
     report = reindex(
@@ -566,7 +555,6 @@ def export_command(
     ref: str, output: Path, store_url: str | None, index_url: str | None, as_json: bool
 ) -> None:
     """Write a release and every blob it references into one tar file."""
-    from artifacts.errors import ArchiveError  # noqa: PLC0415
     from artifacts.transfer import export_release  # noqa: PLC0415
 
     to_stdout = str(output) == "-"
@@ -595,8 +583,6 @@ def export_command(
 
 
 def _is_stdout(path: Path) -> bool:
-    import os  # noqa: PLC0415
-
     try:
         here, out = os.stat(path), os.fstat(sys.stdout.fileno())
     except (OSError, ValueError):
@@ -682,7 +668,6 @@ def copy_command(
 ) -> None:
     """Promote release REF to another store: missing blobs (verified), manifest, tag last."""
     from artifacts.copy import copy_release, open_stores  # noqa: PLC0415
-    from artifacts.progress import ProgressLine  # noqa: PLC0415
 
     source, destination = open_stores(from_url, to_url, from_index, to_index)
     with source, destination:

@@ -14,6 +14,8 @@ from artifacts.targets import EXECUTABLE_FORMATS
 from artifacts.validate import Reader
 
 RELEASE_MEDIA_TYPE = "application/vnd.kiln.release.v1+json"
+# the release annotation naming its weights key (the index maps it to the weights blob)
+WEIGHTS_KEY_ANNOTATION = "io.kiln.weights_key"
 SCHEMA_VERSION = 1
 
 

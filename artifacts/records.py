@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 from artifacts.digest import canonical_json
@@ -65,6 +66,134 @@ class TagEvent:
             host=r.get("host", str, required=False) or "",
             reason=r.get("reason", str, required=False) or "",
             previous_event=r.get("previous_event", str, required=False),
+        )
+
+
+    def to_move_json(self) -> dict[str, Any]:
+        """The move as `kiln tag --json` and `kiln history --json` print it (no chain link)."""
+        return {k: v for k, v in asdict(self).items() if k != "previous_event"}
+
+
+class RunStatus(StrEnum):
+    """A run's status, as its record, its row and `kiln compile --json` hold it."""
+
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # it stopped before the end
+
+
+class ItemStatus(StrEnum):
+    """How one graph of a run ended."""
+
+    HIT_DIRECT = "direct-hit"
+    HIT_HLO = "hlo-hit"
+    COMPILED = "compiled"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class CompilationRecord:
+    """One compile attempt (success or failure) or one imported Neuron cache entry: the truth
+    behind its `compilations` row. `recipe` ({direct_key, signature}) is what Kiln's own
+    compiles prove about a direct key; `triage` explains a failed neuronx-cc compile. Both
+    are left out of the document when absent, as are they in older records."""
+
+    hlo_key: str
+    status: str
+    compiler: str
+    compiler_version: str
+    flags: tuple[str, ...]
+    target: str
+    hlo_digest: str
+    executable_digest: str | None
+    executable_format: str | None
+    log_digest: str | None
+    seconds: float
+    error: str | None
+    reason: str | None
+    created_at: float
+    provenance: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
+    triage: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == RunStatus.OK
+
+    def to_json(self) -> dict[str, Any]:
+        value: dict[str, Any] = {"mediaType": COMPILATION_MEDIA_TYPE, **self.__dict__}
+        value["flags"] = list(self.flags)
+        for optional in ("recipe", "triage"):
+            if value[optional] is None:
+                del value[optional]
+        return value
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @classmethod
+    def from_json(cls, value: Any, source: str) -> CompilationRecord:
+        r = Reader(value, "", source)
+        return cls(
+            hlo_key=r.text("hlo_key"),
+            status=r.text("status"),
+            compiler=r.get("compiler", str),
+            compiler_version=r.get("compiler_version", str),
+            flags=r.strings("flags", required=False),
+            target=r.get("target", str),
+            hlo_digest=r.text("hlo_digest"),
+            executable_digest=r.get("executable_digest", str, required=False),
+            executable_format=r.get("executable_format", str, required=False),
+            log_digest=r.get("log_digest", str, required=False),
+            seconds=r.number("seconds"),
+            error=r.get("error", str, required=False),
+            reason=r.get("reason", str, required=False),
+            created_at=r.number("created_at"),
+            provenance=r.get("provenance", dict, required=False),
+            recipe=r.get("recipe", dict, required=False),
+            triage=r.get("triage", dict, required=False),
+        )
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One `kiln compile` run, written at its end (or when it is interrupted): the truth
+    behind its `runs` row and `run_items` rows. `items` are ItemResult.to_json() values."""
+
+    id: str
+    started_at: float
+    finished_at: float | None
+    status: str
+    spec_digest: str | None
+    host: str
+    user: str
+    summary: dict[str, Any]
+    items: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mediaType": RUN_MEDIA_TYPE, **self.__dict__, "items": list(self.items)}
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @classmethod
+    def from_json(cls, value: Any, source: str) -> RunRecord:
+        r = Reader(value, "", source)
+        items = r.get("items", list, required=False) or []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                r.fail(f"items[{i}]", f"must be an object, got {type(item).__name__}")
+        return cls(
+            id=r.text("id"),
+            started_at=r.number("started_at"),
+            finished_at=r.number("finished_at", required=False),
+            status=r.text("status"),
+            spec_digest=r.get("spec_digest", str, required=False),
+            host=r.get("host", str, required=False) or "",
+            user=r.get("user", str, required=False) or "",
+            summary=r.get("summary", dict, required=False) or {},
+            items=tuple(items),
         )
 
 

@@ -6,17 +6,15 @@ to read, verify or parse stops it, naming every such digest, with the index unto
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy import Connection
 
-from artifacts.backends import BlobBackend, BlobInfo
+from artifacts.backends import BlobBackend, BlobInfo, open_backend
 from artifacts.config import default_index_url, resolve_index_url, resolve_store_url
 from artifacts.digest import Digest
 from artifacts.errors import (
@@ -27,22 +25,29 @@ from artifacts.errors import (
     ReindexRefused,
     StoreIndexError,
 )
-from artifacts.index import ops
-from artifacts.index.db import _sqlite_path, ensure_schema, make_engine, write_transaction
-from artifacts.index.models import (
-    Base,
-    BlobRow,
-    CompilationRow,
-    ManifestRow,
-    RecipeRow,
-    RunItemRow,
-    RunRow,
-    TagHistoryRow,
+from artifacts.index import ops, queries
+from artifacts.index.db import (
+    ensure_schema,
+    make_engine,
+    sqlite_path,
+    sqlite_sound,
+    write_transaction,
 )
+from artifacts.index.ops import apply_tag_event, index_compilation, index_run
+from artifacts.index.reader import refuse_foreign
 from artifacts.manifest import Release
-from artifacts.records import KIND_BY_MEDIA_TYPE, SNIFF_LIMIT, TagEvent, sniff_document
-from artifacts.store import Store, apply_tag_event
+from artifacts.records import (
+    KIND_BY_MEDIA_TYPE,
+    SNIFF_LIMIT,
+    CompilationRecord,
+    RunRecord,
+    TagEvent,
+    sniff_document,
+)
+from artifacts.store import Store
 from artifacts.tagrefs import TagRef, has_refs, read_tag_ref, write_tag_ref
+
+__all__ = ["ReindexReport", "index_compilation", "index_run", "reindex"]
 
 Progress = Callable[[int, int], None]
 
@@ -80,8 +85,8 @@ class _Scan:
     kinds: dict[str, str | None] = field(default_factory=dict)
     releases: dict[str, tuple[int, Release]] = field(default_factory=dict)
     events: dict[str, TagEvent] = field(default_factory=dict)
-    compilations: dict[str, dict[str, Any]] = field(default_factory=dict)
-    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    compilations: dict[str, CompilationRecord] = field(default_factory=dict)
+    runs: dict[str, RunRecord] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)
 
     def keep_only(self, present: set[str]) -> None:
@@ -113,19 +118,15 @@ def reindex(
     tables are refilled in one transaction; a writer that comes later waits and then writes
     into the new index. A SQLite index that cannot be opened is built beside and swapped in.
     """
-    from artifacts.backends import open_backend  # noqa: PLC0415
-
     url = resolve_store_url(store_url)
     backend = open_backend(url, create=False)
     index = resolve_index_url(url, index_url)
-    path = _sqlite_path(index)
-    if path is not None and path != _sqlite_path(default_index_url(url)):
-        from artifacts.index.reader import refuse_foreign  # noqa: PLC0415
-
+    path = sqlite_path(index)
+    if path is not None and path != sqlite_path(default_index_url(url)):
         refuse_foreign(path)  # a file at Kiln's own default path is Kiln's to rebuild
     engine = make_engine(index)
     try:
-        path = _sqlite_path(index)
+        path = sqlite_path(index)
         try:
             ensure_schema(engine, index)
         except StoreIndexError:
@@ -133,7 +134,7 @@ def reindex(
                 raise
             sound = False
         else:
-            sound = _sqlite_sound(engine)
+            sound = sqlite_sound(engine)
         if not sound and path is not None:
             engine.dispose()
             return _rebuild_beside(backend, path, progress, drop_unreadable)
@@ -142,21 +143,9 @@ def reindex(
         engine.dispose()
 
 
-def _sqlite_sound(engine: Engine) -> bool:
-    """False for a SQLite file whose pages are garbled (it opens, but a rebuild in place
-    would fail half-way): such a file is rebuilt beside and swapped in."""
-    if engine.dialect.name != "sqlite":
-        return True
-    try:
-        with engine.connect() as conn:
-            return conn.exec_driver_sql("PRAGMA quick_check(1)").scalar() == "ok"
-    except DatabaseError:
-        return False
-
-
 def _rebuild_in_place(store: Store, progress: Progress | None, drop: bool) -> ReindexReport:
     with store.engine.connect() as conn:
-        known = _known_kinds(conn)
+        known = queries.known_kinds(conn)
     scan = _Scan()
     _scan(store, list(store.backend.iter_blobs()), known, scan, progress)
     _refuse(scan, drop)
@@ -165,10 +154,9 @@ def _rebuild_in_place(store: Store, progress: Progress | None, drop: bool) -> Re
         scan.keep_only({str(b.digest) for b in listed})
         late = [b for b in listed if str(b.digest) not in scan.blobs]
         if late:
-            _scan(store, late, _known_kinds(conn), scan, None)
+            _scan(store, late, queries.known_kinds(conn), scan, None)
             _refuse(scan, drop)
-        for table in reversed(Base.metadata.sorted_tables):
-            conn.execute(delete(table))
+        ops.clear_all(conn)
         return _fill(conn, store, scan)
 
 
@@ -202,22 +190,6 @@ def _remove_sqlite(path: Path, keep_main: bool = False) -> None:
     suffixes = ("-wal", "-shm", "-journal") if keep_main else ("", "-wal", "-shm", "-journal")
     for suffix in suffixes:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-
-
-def _known_kinds(conn: Connection) -> dict[str, str | None]:
-    """Each blob's kind as the old index knew it; its releases and tag events by name."""
-    known: dict[str, str | None] = dict(conn.execute(select(BlobRow.digest, BlobRow.kind)).all())
-    known.update((d, "release") for (d,) in conn.execute(select(ManifestRow.digest)))
-    known.update(
-        (d, "tag-event") for (d,) in conn.execute(select(TagHistoryRow.event_digest))
-    )
-    known.update(
-        (d, "compilation") for (d,) in conn.execute(select(CompilationRow.record_digest))
-    )
-    known.update(
-        (d, "run") for (d,) in conn.execute(select(RunRow.record_digest)) if d is not None
-    )
-    return known
 
 
 def _scan(
@@ -273,9 +245,9 @@ def _read_document(
         elif kind == "tag-event":
             scan.events[digest] = TagEvent.from_json(value, digest)
         elif kind == "compilation":
-            scan.compilations[digest] = value
+            scan.compilations[digest] = CompilationRecord.from_json(value, digest)
         elif kind == "run":
-            scan.runs[digest] = value
+            scan.runs[digest] = RunRecord.from_json(value, digest)
     except InvalidManifest as exc:
         scan.unreadable[digest] = _reason(exc)
 
@@ -302,15 +274,15 @@ def _fill(conn: Connection, store: Store, scan: _Scan) -> ReindexReport:
     for digest, info in scan.blobs.items():
         ops.record_blob(conn, digest, info.size, scan.kinds.get(digest))
     for digest, (size, release) in scan.releases.items():
-        store._index_release(conn, Digest.parse(digest), size, release)
+        ops.index_release(conn, Digest.parse(digest), size, release)
     events = sorted(scan.events.items(), key=lambda e: (e[1].at, e[0]))
     for digest, event in events:
         apply_tag_event(conn, event, digest)
     _write_missing_refs(store, events)
-    for digest, value in scan.compilations.items():
-        index_compilation(conn, digest, value)
-    for digest, value in scan.runs.items():
-        index_run(conn, digest, value)
+    for digest, compilation in scan.compilations.items():
+        index_compilation(conn, digest, compilation.to_json())
+    for digest, run in scan.runs.items():
+        index_run(conn, digest, run.to_json())
     return ReindexReport(
         len(scan.blobs),
         len(scan.releases),
@@ -343,57 +315,3 @@ def _starts_with_brace(backend: BlobBackend, digest: Any) -> bool:
         return raw.read(1) == b"{"
     finally:
         raw.close()
-
-
-def index_compilation(conn: Connection, record_digest: str, value: dict[str, Any]) -> None:
-    """Index a compilation record document (written by the pipeline)."""
-    columns = {c.name for c in CompilationRow.__table__.columns} - {"id", "record_digest"}
-    row = {k: value.get(k) for k in columns}
-    row["flags"] = json.dumps(value.get("flags", []))
-    if isinstance(row.get("provenance"), dict):
-        row["provenance"] = json.dumps(row["provenance"])
-    row["record_digest"] = record_digest
-    ops.insert_ignore(conn, CompilationRow.__table__, [row])  # type: ignore[arg-type]
-    recipe = value.get("recipe")
-    if isinstance(recipe, dict) and recipe.get("direct_key"):
-        ops.insert_ignore(
-            conn,
-            RecipeRow.__table__,  # type: ignore[arg-type]
-            [
-                {
-                    "direct_key": recipe["direct_key"],
-                    "hlo_key": value["hlo_key"],
-                    "hlo_digest": value["hlo_digest"],
-                    "signature": json.dumps(recipe.get("signature", {}), sort_keys=True),
-                    "created_at": value.get("created_at", 0.0),
-                }
-            ],
-        )
-
-
-def index_run(conn: Connection, record_digest: str, value: dict[str, Any]) -> None:
-    """Index a run record document (written by the pipeline at the end of a run)."""
-    ops.insert_ignore(
-        conn,
-        RunRow.__table__,  # type: ignore[arg-type]
-        [
-            {
-                "id": value["id"],
-                "started_at": value["started_at"],
-                "finished_at": value.get("finished_at"),
-                "status": value["status"],
-                "spec_digest": value.get("spec_digest"),
-                "host": value.get("host", ""),
-                "user": value.get("user", ""),
-                "summary": json.dumps(value.get("summary", {}), sort_keys=True),
-                "record_digest": record_digest,
-            }
-        ],
-    )
-    items = value.get("items", [])
-    if items:
-        columns = {c.name for c in RunItemRow.__table__.columns} - {"id"}
-        conn.execute(
-            RunItemRow.__table__.insert(),  # type: ignore[attr-defined]
-            [{k: item.get(k) for k in columns} | {"run_id": value["id"]} for item in items],
-        )

@@ -18,9 +18,10 @@ import io
 import json
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 from sqlalchemy import Engine, select
 
@@ -37,11 +38,20 @@ from artifacts.errors import (
     ReferenceNotFound,
     SizeMismatch,
 )
-from artifacts.index import ops
-from artifacts.index.db import ensure_schema, make_engine, write_transaction
-from artifacts.index.models import BlobRow, ManifestBlobRow, ManifestRow, TagHistoryRow, TagRow
+from artifacts.index import ops, queries
+from artifacts.index.db import (
+    display_url,
+    ensure_schema,
+    make_engine,
+    sqlite_path,
+    write_transaction,
+)
+from artifacts.index.models import BlobRow, ManifestRow, TagHistoryRow, TagRow
+from artifacts.index.ops import apply_tag_event
+from artifacts.index.queries import Compilation, Recipe, WeightsEntry
+from artifacts.index.reader import open_for_reading
 from artifacts.manifest import Release
-from artifacts.records import TagEvent
+from artifacts.records import CompilationRecord, RunRecord, TagEvent
 from artifacts.refs import Reference, TagName, parse_reference, parse_tag_name
 from artifacts.tagrefs import TagRef, has_refs, list_tag_refs, read_tag_ref, write_tag_ref
 
@@ -57,16 +67,7 @@ class Resolved:
     tag: str | None = None
 
 
-@dataclass(frozen=True)
-class TagMove:
-    name: str
-    tag: str
-    digest: str
-    previous: str | None
-    at: float
-    user: str
-    host: str
-    reason: str
+__all__ = ["Compilation", "Recipe", "Resolved", "Store", "WeightsEntry", "apply_tag_event"]
 
 
 class Store:
@@ -96,8 +97,6 @@ class Store:
         backend = open_backend(url, create=create)
         index = resolve_index_url(url, index_url)
         if not create:
-            from artifacts.index.reader import open_for_reading  # noqa: PLC0415
-
             engine, problem = open_for_reading(index)
             return cls(backend, engine, index, problem)
         engine = make_engine(index)
@@ -112,6 +111,16 @@ class Store:
     @property
     def has_index(self) -> bool:
         return self._engine is not None
+
+    @property
+    def index_path(self) -> Path | None:
+        """The index's file when it is a SQLite file, else None."""
+        return sqlite_path(self.index_url)
+
+    @property
+    def index_label(self) -> str:
+        """The index as messages name it: its file, or its URL without credentials."""
+        return display_url(self.index_url)
 
     def require_index(self, purpose: str) -> Engine:
         """The engine, or IndexRequired naming `purpose` and why there is no index."""
@@ -213,7 +222,7 @@ class Store:
                 if self.backend.stat(result.digest) is None:
                     continue
                 self._check_blobs(release)
-                self._index_release(conn, result.digest, result.size, release)
+                ops.index_release(conn, result.digest, result.size, release)
                 return result.digest
         raise BlobNotFound(result.digest, f"{self.backend.url} (the release manifest)")
 
@@ -227,39 +236,6 @@ class Store:
                     f"release {release.name}: {role} blob {ref.digest} has size {info.size},"
                     f" manifest says {ref.size}"
                 )
-
-    def _index_release(self, conn, digest: Digest, size: int, release: Release) -> None:  # type: ignore[no-untyped-def]
-        ops.record_blob(conn, str(digest), size, "release")
-        for _, ref in release.blob_refs():
-            ops.record_blob(conn, str(ref.digest), ref.size, None)
-        ops.insert_ignore(
-            conn,
-            ManifestRow.__table__,  # type: ignore[arg-type]
-            [
-                {
-                    "digest": str(digest),
-                    "name": release.name,
-                    "target": release.target,
-                    "task": release.source.task,
-                    "graph_count": len(release.graphs),
-                    "total_size": release.total_size + size,
-                    "created": release.provenance.created,
-                    "indexed_at": time.time(),
-                }
-            ],
-        )
-        roles: dict[str, str] = {}
-        for role, ref in release.blob_refs():
-            roles.setdefault(str(ref.digest), role)
-        ops.record_recipes(conn, release)
-        ops.insert_ignore(
-            conn,
-            ManifestBlobRow.__table__,  # type: ignore[arg-type]
-            [
-                {"manifest_digest": str(digest), "blob_digest": d, "role": r}
-                for d, r in roles.items()
-            ],
-        )
 
     def load_release(self, digest: Digest) -> Release:
         return Release.from_bytes(self.read_bytes(digest), source=f"manifest {digest}")
@@ -391,13 +367,13 @@ class Store:
             return {(n, t): d for n, t, d in conn.execute(query)}
 
     # -- tags --------------------------------------------------------------------------------
-    def tag(self, source: str, destination: str, reason: str = "") -> TagMove:
+    def tag(self, source: str, destination: str, reason: str = "") -> TagEvent:
         """Point `name:tag` at the release `source` resolves to, recording history."""
         target = self.resolve(source).digest
         dest = parse_tag_name(destination)
         return self.move_tag(dest, target, reason)
 
-    def move_tag(self, dest: TagName, digest: Digest, reason: str = "") -> TagMove:
+    def move_tag(self, dest: TagName, digest: Digest, reason: str = "") -> TagEvent:
         """Point `dest` at `digest`: tag-event blob, index rows, ref object, commit, all under
         the index's write lock and its lock on this tag (artifacts/tagrefs.py says what
         readers see). The release is checked under the lock too, so a gc sweep either sees the
@@ -432,7 +408,7 @@ class Store:
                     self.backend,  # type: ignore[arg-type]
                     TagRef(dest.name, dest.tag, str(digest), str(put.digest), event.at),
                 )
-        return TagMove(**{k: getattr(event, k) for k in TagMove.__dataclass_fields__})
+        return event
 
     def _tag_head(self, conn, dest: TagName) -> tuple[str | None, str | None]:  # type: ignore[no-untyped-def]
         """(manifest, event) the tag points at now: the ref object is the truth; the index
@@ -455,9 +431,10 @@ class Store:
         ).scalar()
         return row[0], last
 
-    def history(self, name_tag: str) -> list[TagMove]:
+    def history(self, name_tag: str) -> list[TagEvent]:
         """Every move of a tag, newest first: from the index when it agrees with the ref
-        object, else by walking the tag-event chain from the ref object (store alone)."""
+        object, else by walking the tag-event chain from the ref object (store alone). From
+        the index, an event's `previous_event` is the event of the move before it."""
         dest = parse_tag_name(name_tag)
         ref = None
         if has_refs(self.backend):
@@ -471,11 +448,20 @@ class Store:
                     .order_by(table.c.id.desc())  # insertion order: written under the tag lock
                 ).all()
             if rows and (ref is None or rows[0].event_digest == ref.event):
+                older = [r.event_digest for r in rows[1:]] + [None]
                 return [
-                    TagMove(
-                        r.name, r.tag, r.digest, r.previous_digest, r.at, r.user, r.host, r.reason
+                    TagEvent(
+                        r.name,
+                        r.tag,
+                        r.digest,
+                        r.previous_digest,
+                        r.at,
+                        r.user,
+                        r.host,
+                        r.reason,
+                        previous_event,
                     )
-                    for r in rows
+                    for r, previous_event in zip(rows, older, strict=True)
                 ]
         if ref is None:
             raise ReferenceNotFound(
@@ -483,8 +469,8 @@ class Store:
             )
         return self._walk_history(ref)
 
-    def _walk_history(self, ref: TagRef) -> list[TagMove]:
-        moves: list[TagMove] = []
+    def _walk_history(self, ref: TagRef) -> list[TagEvent]:
+        moves: list[TagEvent] = []
         seen: set[str] = set()
         event_digest = ref.event
         while event_digest is not None and event_digest not in seen:
@@ -498,41 +484,104 @@ class Store:
                 raise InvalidManifest(
                     f"tag event {event_digest} of {ref.name}:{ref.tag}: {exc}"
                 ) from None
-            moves.append(TagMove(**{k: getattr(event, k) for k in TagMove.__dataclass_fields__}))
+            moves.append(event)
             event_digest = event.previous_event
         return moves
 
 
-def apply_tag_event(conn, event: TagEvent, event_digest: str) -> None:  # type: ignore[no-untyped-def]
-    """Append the event to history and move the tag (used by tagging and by reindex)."""
-    ops.insert_ignore(
-        conn,
-        TagHistoryRow.__table__,  # type: ignore[arg-type]
-        [
-            {
-                "name": event.name,
-                "tag": event.tag,
-                "digest": event.digest,
-                "previous_digest": event.previous,
-                "at": event.at,
-                "user": event.user,
-                "host": event.host,
-                "reason": event.reason,
-                "event_digest": event_digest,
-            }
-        ],
-    )
-    table = TagRow.__table__
-    updated = conn.execute(
-        table.update()  # type: ignore[attr-defined]
-        .where(table.c.name == event.name, table.c.tag == event.tag)
-        .values(digest=event.digest, updated_at=event.at)
-    )
-    if updated.rowcount == 0:
-        conn.execute(
-            table.insert(),  # type: ignore[attr-defined]
-            {"name": event.name, "tag": event.tag, "digest": event.digest, "updated_at": event.at},
-        )
+    # -- compilations, recipes, weights and runs (the build side's rows) --------------------
+    def compilations(
+        self,
+        *,
+        hlo_key: str | None = None,
+        record_digest: str | None = None,
+        log_digest: str | None = None,
+        ok_only: bool = False,
+    ) -> list[Compilation]:
+        """The compilations of an HLO key, a compile record or a log, newest first."""
+        with self.require_index("looking up compilations").connect() as conn:
+            return queries.compilations(
+                conn,
+                hlo_key=hlo_key,
+                record_digest=record_digest,
+                log_digest=log_digest,
+                ok_only=ok_only,
+            )
+
+    def last_compilation_id(self, hlo_key: str) -> int:
+        """The row id of the latest compile of `hlo_key` (0 for none): a waiter's mark."""
+        with self.engine.connect() as conn:
+            return queries.last_compilation_id(conn, hlo_key)
+
+    def failure_since(self, hlo_key: str, after_id: int) -> Compilation | None:
+        """The latest failed compile of `hlo_key` recorded after row `after_id`, or None."""
+        with self.engine.connect() as conn:
+            return queries.failure_since(conn, hlo_key, after_id)
+
+    def recorded_provenance(self, compiler: str, target: str, containing: str) -> list[str | None]:
+        """Provenance JSON of successful compiles on `compiler`/`target` mentioning `containing`."""
+        with self.engine.connect() as conn:
+            return queries.recorded_provenance(conn, compiler, target, containing)
+
+    def recipes(self, direct_keys: Iterable[str]) -> dict[str, Recipe]:
+        """direct key -> its recipe, for those of `direct_keys` the index knows."""
+        with self.engine.connect() as conn:
+            return queries.recipes(conn, direct_keys)
+
+    def weights_entry(self, weights_key: str) -> WeightsEntry | None:
+        with self.engine.connect() as conn:
+            return queries.weights(conn, weights_key)
+
+    def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]:
+        """digest -> size, for those of `digests` the index knows."""
+        with self.engine.connect() as conn:
+            return queries.blob_sizes(conn, digests)
+
+    def blob_kind(self, digest: str) -> str | None:
+        """The kind the blob was stored as, or None (unknown, or not indexed)."""
+        with self.engine.connect() as conn:
+            return queries.blob_kind(conn, digest)
+
+    def record_compilation(self, record: CompilationRecord) -> PutResult:
+        """Store a compile record (after its blobs), then index it with its recipe."""
+        value = record.to_json()
+        put = self.put_bytes(record.to_bytes(), kind="compilation")
+        with write_transaction(self.engine) as conn:
+            ops.index_compilation(conn, str(put.digest), value)
+        return put
+
+    def record_recipe(
+        self, direct_key: str, hlo_key: str, hlo_digest: str, signature: dict[str, Any]
+    ) -> None:
+        with write_transaction(self.engine) as conn:
+            ops.record_recipe(conn, direct_key, hlo_key, hlo_digest, signature)
+
+    def record_weights(self, weights_key: str, digest: str, size: int) -> None:
+        with write_transaction(self.engine) as conn:
+            ops.record_weights(conn, weights_key, digest, size)
+
+    def record_run_started(self, run: RunRecord, alive: Callable[[int], bool]) -> None:
+        """Index a `running` run (its record comes at its end; `run.summary` holds its pid).
+        Earlier runs of its host still `running` whose pid is not `alive` become
+        `interrupted` first."""
+        with write_transaction(self.engine) as conn:
+            ops.mark_dead_runs_interrupted(conn, run.host, alive)
+            ops.insert_running_run(conn, run)
+
+    def record_run(self, record: RunRecord) -> PutResult:
+        """Store a run's record, then let its rows replace the `running` row."""
+        put = self.put_bytes(record.to_bytes(), kind="run")
+        with write_transaction(self.engine) as conn:
+            ops.delete_run(conn, record.id)
+            ops.index_run(conn, str(put.digest), record.to_json())
+        return put
+
+    def mark_run_interrupted(
+        self, run_id: str, finished_at: float, summary: dict[str, Any]
+    ) -> None:
+        """The run's row alone says `interrupted` (when its record cannot be written)."""
+        with write_transaction(self.engine) as conn:
+            ops.mark_run_interrupted(conn, run_id, finished_at, summary)
 
 
 def _user() -> str:

@@ -37,6 +37,7 @@ from pathlib import Path
 from artifacts.digest import CHUNK_SIZE, Digest
 from artifacts.index.db import write_transaction
 from artifacts.index.models import BlobRow
+from artifacts.index.ops import index_release
 from artifacts.manifest import BlobRef, CompilerInfo, Graph, Provenance, Release, Source
 from artifacts.records import TagEvent
 from artifacts.store import Store, apply_tag_event
@@ -244,7 +245,7 @@ def build_large_store(root: Path, blobs: int, releases: int) -> dict[str, int]:
                     annotations={"release": str(r)},
                 )
                 digest, size = _write_blob(blob_root, release.to_bytes())
-                store._index_release(conn, digest, size, release)
+                index_release(conn, digest, size, release)
                 latest[name] = digest
             for i, (name, digest) in enumerate(sorted(latest.items())):
                 event = TagEvent(name, "prod", str(digest), None, now + i * 1e-3, "bench",

@@ -68,7 +68,7 @@ def plan_command(
     )
     counts: dict[str, int] = {}
     for r in rows:
-        counts[r.status.split(" ")[0]] = counts.get(r.status.split(" ")[0], 0) + 1
+        counts[r.kind] = counts.get(r.kind, 0) + 1
     click.echo(f"{len(rows)} graphs: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
 
 

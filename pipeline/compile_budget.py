@@ -22,8 +22,6 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
 if TYPE_CHECKING:
     from artifacts.store import Store
     from pipeline.jobs import GraphJob
@@ -93,34 +91,23 @@ def estimate_graph_bytes(*, hlo_size: int, signature: Mapping[str, Any]) -> int:
 def recorded_peaks(store: Store, job: GraphJob) -> tuple[int | None, int | None]:
     """(max peak of the same bucket, max peak of any bucket) over earlier successful compiles
     of ``job``'s architecture and graph kind on its compiler and target; None where none."""
-    from artifacts.index.models import CompilationRow  # noqa: PLC0415
-
     if not job.architecture:
         return None, None
-    with store.engine.connect() as conn:
-        rows = conn.execute(
-            select(CompilationRow.provenance).where(
-                CompilationRow.status == "ok",
-                CompilationRow.compiler == job.compiler,
-                CompilationRow.target == job.target,
-                CompilationRow.provenance.like(f"%{job.architecture}%"),
-            )
-        ).scalars()
-        same_bucket: list[int] = []
-        any_bucket: list[int] = []
-        for text in rows:
-            try:
-                prov = json.loads(text or "{}")
-            except json.JSONDecodeError:
-                continue
-            peak = prov.get("peak_rss_bytes")
-            if not isinstance(peak, int) or prov.get("architecture") != job.architecture:
-                continue
-            if prov.get("graph_kind") != job.graph_kind:
-                continue
-            any_bucket.append(peak)
-            if prov.get("bucket") == job.bucket_json:
-                same_bucket.append(peak)
+    same_bucket: list[int] = []
+    any_bucket: list[int] = []
+    for text in store.recorded_provenance(job.compiler, job.target, job.architecture):
+        try:
+            prov = json.loads(text or "{}")
+        except json.JSONDecodeError:
+            continue
+        peak = prov.get("peak_rss_bytes")
+        if not isinstance(peak, int) or prov.get("architecture") != job.architecture:
+            continue
+        if prov.get("graph_kind") != job.graph_kind:
+            continue
+        any_bucket.append(peak)
+        if prov.get("bucket") == job.bucket_json:
+            same_bucket.append(peak)
     return max(same_bucket, default=None), max(any_bucket, default=None)
 
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import select
-
-from artifacts.index.models import BlobRow, CompilationRow, RecipeRow, WeightsRow
+from artifacts.digest import Digest
 from artifacts.store import Store
 from pipeline.compile import backend_for_target
+from pipeline.compile.neuronx_cc import NeuronxCcCompiler
 from pipeline.keys import architecture_digest, direct_key, weights_key
 from pipeline.memory import check_model as check_model_memory
 from pipeline.memory import host_memory_bytes
@@ -93,8 +91,6 @@ def compiler_version(name: str) -> str | None:
     if name == "neuronx-cc":
         if shutil.which("neuronx-cc") is None:
             return None
-        from pipeline.compile.neuronx_cc import NeuronxCcCompiler  # noqa: PLC0415
-
         try:
             return NeuronxCcCompiler().version()
         except (OSError, subprocess.SubprocessError, RuntimeError, ValueError):
@@ -172,77 +168,45 @@ def plan_spec(
 
 def lookup_cache(store: Store, plan: ModelPlan) -> None:
     """Fill direct hits and the known weights blob from the index (blobs must exist)."""
-    with store.engine.connect() as conn:
-        row = conn.execute(
-            select(WeightsRow.digest, WeightsRow.size).where(
-                WeightsRow.weights_key == plan.weights_key
-            )
-        ).first()
-        if row is not None:
-            plan.weights = recorded_weights(store, row[0], row[1])
-        keys = [j.direct_key for j in plan.jobs]
-        recipes = {
-            r.direct_key: r
-            for r in conn.execute(
-                select(RecipeRow.__table__).where(RecipeRow.direct_key.in_(keys))  # type: ignore[arg-type]
-            )
-        }
+    entry = store.weights_entry(plan.weights_key)
+    if entry is not None:
+        plan.weights = recorded_weights(store, entry.digest, entry.size)
+    recipes = store.recipes(j.direct_key for j in plan.jobs)
     for job in plan.jobs:
         recipe = recipes.get(job.direct_key)
         if recipe is None or job in plan.unavailable:
             continue
-        compiled = find_compilation(store, recipe.hlo_key, json.loads(recipe.signature))
+        compiled = find_compilation(store, recipe.hlo_key, recipe.signature)
         if compiled is not None:
             plan.direct_hits[job] = compiled
 
 
 def find_compilation(store: Store, hlo_key: str, signature: dict[str, Any]) -> CompiledGraph | None:
     """The newest successful compilation of `hlo_key` whose blobs are all still present."""
-    with store.engine.connect() as conn:
-        rows = conn.execute(
-            select(CompilationRow.__table__)  # type: ignore[arg-type]
-            .where(CompilationRow.hlo_key == hlo_key, CompilationRow.status == "ok")
-            .order_by(CompilationRow.created_at.desc())
-        ).all()
-        for row in rows:
-            digests = [d for d in (row.hlo_digest, row.executable_digest, row.log_digest) if d]
-            sizes = dict(
-                conn.execute(
-                    select(BlobRow.digest, BlobRow.size).where(BlobRow.digest.in_(digests))
-                ).all()
-            )
-            if any(store.backend.stat(_digest(d)) is None for d in digests):
-                continue
-            return CompiledGraph(
-                hlo_key=hlo_key,
-                hlo_digest=row.hlo_digest,
-                hlo_size=sizes.get(row.hlo_digest, 0),
-                signature=signature,
-                executable_digest=row.executable_digest,
-                executable_size=sizes.get(row.executable_digest, 0),
-                executable_format=row.executable_format,
-                compiler=row.compiler,
-                compiler_version=row.compiler_version,
-                flags=tuple(json.loads(row.flags)),
-                seconds=row.seconds,
-                log_digest=row.log_digest,
-                log_size=sizes.get(row.log_digest) if row.log_digest else None,
-            )
+    for row in store.compilations(hlo_key=hlo_key, ok_only=True):
+        digests = [d for d in (row.hlo_digest, row.executable_digest, row.log_digest) if d]
+        sizes = store.blob_sizes(digests)
+        if any(store.backend.stat(Digest.parse(d)) is None for d in digests):
+            continue
+        return CompiledGraph(
+            hlo_key=hlo_key,
+            hlo_digest=row.hlo_digest,
+            hlo_size=sizes.get(row.hlo_digest, 0),
+            signature=signature,
+            executable_digest=row.executable_digest,
+            executable_size=sizes.get(row.executable_digest, 0),
+            executable_format=row.executable_format,
+            compiler=row.compiler,
+            compiler_version=row.compiler_version,
+            flags=row.flags,
+            seconds=row.seconds,
+            log_digest=row.log_digest,
+            log_size=sizes.get(row.log_digest) if row.log_digest else None,
+        )
     return None
 
 
 def known_failure(store: Store, hlo_key: str) -> str | None:
     """The error of the newest failed compile of `hlo_key`, if no success exists."""
-    with store.engine.connect() as conn:
-        row = conn.execute(
-            select(CompilationRow.status, CompilationRow.error)
-            .where(CompilationRow.hlo_key == hlo_key)
-            .order_by(CompilationRow.created_at.desc())
-        ).first()
-    return row[1] if row is not None and row[0] != "ok" else None
-
-
-def _digest(text: str):  # type: ignore[no-untyped-def]
-    from artifacts.digest import Digest  # noqa: PLC0415
-
-    return Digest.parse(text)
+    newest = next(iter(store.compilations(hlo_key=hlo_key)), None)
+    return newest.error if newest is not None and not newest.ok else None

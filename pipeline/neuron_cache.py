@@ -34,20 +34,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import select
-
-from artifacts.digest import Digest, canonical_json
+from artifacts.digest import Digest
 from artifacts.errors import InvalidReference, ReferenceNotFound
-from artifacts.index.db import write_transaction
-from artifacts.index.models import CompilationRow
 from artifacts.neff import NeffError, NeffHeader
-from artifacts.records import COMPILATION_MEDIA_TYPE
+from artifacts.records import CompilationRecord, RunStatus
 from artifacts.redact import redact_url
-from artifacts.reindex import index_compilation
-from artifacts.store import Store
+from artifacts.store import Compilation, Store
 from pipeline.errors import NeuronCacheError
 from pipeline.keys import hlo_key
 from pipeline.neuron_flags import NEURON_TARGETS, split_target
+from pipeline.trace import hlo_digest_bytes
+from pipeline.triage import triage
 
 COMPILER = "neuronx-cc"
 VERSION_PREFIX = "neuronxcc-"
@@ -353,7 +350,7 @@ class _Prepared:
     hlo: bytes
     neff: bytes
     key: str
-    record: dict[str, Any]
+    record: CompilationRecord
 
 
 def _read_flags(source: CacheSource, entry: CacheEntry) -> tuple[list[str], str]:
@@ -371,8 +368,6 @@ def _read_flags(source: CacheSource, entry: CacheEntry) -> tuple[list[str], str]
 
 def _prepare(source: CacheSource, entry: CacheEntry, default_target: str) -> _Prepared:
     """Read one complete entry; ValueError / NeffError say why it cannot be imported."""
-    from pipeline.trace import hlo_digest_bytes  # noqa: PLC0415
-
     original_flags, flags_text = _read_flags(source, entry)
     target, flags = split_target(original_flags)
     target = target or default_target
@@ -395,23 +390,22 @@ def _prepare(source: CacheSource, entry: CacheEntry, default_target: str) -> _Pr
         flags=flags,
         target=target,
     )
-    record = {
-        "mediaType": COMPILATION_MEDIA_TYPE,
-        "hlo_key": key,
-        "status": "ok",
-        "compiler": COMPILER,
-        "compiler_version": entry.compiler_version,
-        "flags": list(flags),
-        "target": target,
-        "hlo_digest": str(hlo_digest),
-        "executable_digest": str(neff_digest),
-        "executable_format": "neff",
-        "log_digest": None,
-        "seconds": 0.0,
-        "error": None,
-        "reason": None,
-        "created_at": time.time(),  # when it entered the store (gc's grace period counts)
-        "provenance": {
+    record = CompilationRecord(
+        hlo_key=key,
+        status=RunStatus.OK,
+        compiler=COMPILER,
+        compiler_version=entry.compiler_version,
+        flags=tuple(flags),
+        target=target,
+        hlo_digest=str(hlo_digest),
+        executable_digest=str(neff_digest),
+        executable_format="neff",
+        log_digest=None,
+        seconds=0.0,
+        error=None,
+        reason=None,
+        created_at=time.time(),  # when it entered the store (gc's grace period counts)
+        provenance={
             "source": PROVENANCE_SOURCE,
             "folder": entry.folder,
             "hlo_file": hlo_file,
@@ -420,24 +414,19 @@ def _prepare(source: CacheSource, entry: CacheEntry, default_target: str) -> _Pr
             "neff_mtime": entry.files[NEFF_FILE].mtime,
             "neff": {"name": header.name, "uuid": header.uuid, "version": header.version},
         },
-    }
+    )
     return _Prepared(entry, target, flags, hlo, neff, key, record)
 
 
 def _present(store: Store, prepared: _Prepared) -> bool:
     """The store already holds this compilation (same HLO key, same NEFF, blobs present)."""
-    exe = prepared.record["executable_digest"]
-    with store.engine.connect() as conn:
-        rows = conn.execute(
-            select(CompilationRow.hlo_digest).where(
-                CompilationRow.hlo_key == prepared.key,
-                CompilationRow.status == "ok",
-                CompilationRow.executable_digest == exe,
-            )
-        ).all()
+    exe = prepared.record.executable_digest
+    assert exe is not None
+    rows = store.compilations(hlo_key=prepared.key, ok_only=True)
     return any(
-        store.backend.has(Digest.parse(hlo)) and store.backend.has(Digest.parse(exe))
-        for (hlo,) in rows
+        store.backend.has(Digest.parse(row.hlo_digest)) and store.backend.has(Digest.parse(exe))
+        for row in rows
+        if row.executable_digest == exe
     )
 
 
@@ -448,9 +437,7 @@ def _store(store: Store, prepared: _Prepared) -> int:
     for data, kind in ((prepared.hlo, "hlo"), (prepared.neff, "executable")):
         put = store.put_bytes(data, kind=kind)
         added += put.size if put.created else 0
-    record_put = store.put_bytes(canonical_json(prepared.record), kind="compilation")
-    with write_transaction(store.engine) as conn:
-        index_compilation(conn, str(record_put.digest), prepared.record)
+    store.record_compilation(prepared.record)
     return added
 
 
@@ -466,8 +453,6 @@ def _would_add(store: Store, prepared: _Prepared, seen: set[Digest]) -> int:
 
 def _failure_detail(source: CacheSource, entry: CacheEntry, fallback: str) -> str:
     """The triaged cause of a failed entry, from its model.log."""
-    from pipeline.triage import triage  # noqa: PLC0415
-
     if LOG_FILE not in entry.files:
         return fallback
     try:
@@ -598,21 +583,13 @@ def _item(
     return _ExportItem(folder, hlo_key_, hlo_file, text, hlo_digest, neff_digest)
 
 
-def _rows_matching(store: Store, column: Any, value: str) -> list[Any]:
-    with store.engine.connect() as conn:
-        return conn.execute(
-            select(CompilationRow.__table__)  # type: ignore[arg-type]
-            .where(column == value, CompilationRow.status == "ok")
-            .order_by(CompilationRow.created_at.desc())
-        ).all()
-
-
-def _row_item(row: Any) -> _ExportItem:
+def _row_item(row: Compilation) -> _ExportItem:
+    assert row.executable_digest is not None
     return _item(
         hlo_key_=row.hlo_key,
         version=row.compiler_version,
         target=row.target,
-        flags=json.loads(row.flags),
+        flags=row.flags,
         hlo_digest=row.hlo_digest,
         neff_digest=row.executable_digest,
         provenance=_provenance(row.provenance),
@@ -634,7 +611,7 @@ def _export_items(store: Store, ref: str) -> tuple[list[_ExportItem], list[str]]
             if g.format != "neff":
                 skipped.append(f"{label}: format {g.format}, not a NEFF")
                 continue
-            rows = _rows_matching(store, CompilationRow.hlo_key, g.hlo_key)
+            rows = store.compilations(hlo_key=g.hlo_key, ok_only=True)
             rows.sort(key=lambda r: r.executable_digest != str(g.executable.digest))
             provenance = _provenance(rows[0].provenance) if rows else {}
             items.append(
@@ -649,13 +626,13 @@ def _export_items(store: Store, ref: str) -> tuple[list[_ExportItem], list[str]]
                 )
             )
         return items, skipped
-    rows = _rows_matching(store, CompilationRow.hlo_key, ref)
+    rows = store.compilations(hlo_key=ref, ok_only=True)
     if not rows:
         try:
             record = str(store.resolve_blob(ref))
         except (ReferenceNotFound, InvalidReference):
             record = ref
-        rows = _rows_matching(store, CompilationRow.record_digest, record)
+        rows = store.compilations(record_digest=record, ok_only=True)
     for row in rows[:1]:
         if row.executable_format != "neff":
             skipped.append(f"{row.hlo_key}: format {row.executable_format}, not a NEFF")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from artifacts.store import Store
@@ -10,10 +11,30 @@ from pipeline.jobs import GraphJob, find_compilation, plan_spec
 from pipeline.spec import Spec
 
 
+class PlanStatus(StrEnum):
+    """What `kiln plan` expects of a graph."""
+
+    DIRECT_HIT = "direct-hit"
+    HLO_HIT = "hlo-hit"
+    COMPILE = "compile"
+    UNAVAILABLE = "unavailable"  # its compiler is not installed here
+    TRACE_FAILED = "trace-failed"
+
+
 @dataclass(frozen=True)
 class PlanRow:
     job: GraphJob
-    status: str  # "direct-hit", "hlo-hit", "compile", "unavailable: ...", "trace-failed: ..."
+    kind: PlanStatus
+    detail: str = ""  # why it is unavailable or its trace failed; "(not traced)"
+
+    @property
+    def status(self) -> str:
+        """The kind with its detail, as `kiln plan` prints it ("unavailable: ...")."""
+        if not self.detail:
+            return self.kind.value
+        if self.kind in (PlanStatus.UNAVAILABLE, PlanStatus.TRACE_FAILED):
+            return f"{self.kind}: {self.detail}"
+        return f"{self.kind} {self.detail}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -35,19 +56,23 @@ def plan_view(
 
     rows: list[PlanRow] = []
     for plan in plan_spec(spec, store, backend, flags):
-        status: dict[GraphJob, str] = {j: "direct-hit" for j in plan.direct_hits}
-        status.update({j: f"unavailable: {m}" for j, m in plan.unavailable.items()})
+        status = {j: PlanRow(j, PlanStatus.DIRECT_HIT) for j in plan.direct_hits}
+        status.update(
+            {j: PlanRow(j, PlanStatus.UNAVAILABLE, m) for j, m in plan.unavailable.items()}
+        )
         misses = plan.misses
         if misses and trace:
             outcome = trace_model(
                 store.backend.url, store.index_url, plan.model, misses, None, write=False
             )
             for job, message in outcome.failed:
-                status[job] = f"trace-failed: {message}"
+                status[job] = PlanRow(job, PlanStatus.TRACE_FAILED, message)
             for traced in outcome.traced:
                 hit = find_compilation(store, traced.hlo_key, traced.signature)
-                status[traced.job] = "hlo-hit" if hit else "compile"
+                kind = PlanStatus.HLO_HIT if hit else PlanStatus.COMPILE
+                status[traced.job] = PlanRow(traced.job, kind)
         for job in misses:
-            status.setdefault(job, "compile (not traced)" if not trace else "compile")
-        rows.extend(PlanRow(j, status[j]) for j in plan.jobs)
+            detail = "" if trace else "(not traced)"
+            status.setdefault(job, PlanRow(job, PlanStatus.COMPILE, detail))
+        rows.extend(status[j] for j in plan.jobs)
     return rows

@@ -9,8 +9,16 @@ import socket
 from dataclasses import dataclass
 
 from artifacts.digest import Digest
-from artifacts.index.ops import WEIGHTS_KEY_ANNOTATION
-from artifacts.manifest import BlobRef, CompilerInfo, Graph, Provenance, Release, Source
+from artifacts.errors import ReferenceNotFound
+from artifacts.manifest import (
+    WEIGHTS_KEY_ANNOTATION,
+    BlobRef,
+    CompilerInfo,
+    Graph,
+    Provenance,
+    Release,
+    Source,
+)
 from artifacts.refs import TagName
 from artifacts.store import Store
 from pipeline.jobs import CompiledGraph, GraphJob, ModelPlan
@@ -102,8 +110,6 @@ def _content(release: Release) -> dict:  # type: ignore[type-arg]
 
 def publish(store: Store, release: Release, ref: TagName, reason: str) -> Published:
     """Store the release and move its tag, unless the tag already holds the same content."""
-    from artifacts.errors import ReferenceNotFound  # noqa: PLC0415
-
     try:
         current = store.resolve(str(ref)).digest
         if _content(store.load_release(current)) == _content(release):

@@ -4,7 +4,6 @@ publish releases, record the run. Work runs in a process pool (spawn) or another
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
 import sys
@@ -17,33 +16,27 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, select, update
-
-from artifacts.digest import canonical_json
 from artifacts.diskspace import disk_full_error, is_disk_full
-from artifacts.index.db import _sqlite_path, write_transaction
-from artifacts.index.models import RunRow
 from artifacts.leases import pid_alive
-from artifacts.records import RUN_MEDIA_TYPE
-from artifacts.reindex import index_run
+from artifacts.records import ItemStatus, RunRecord, RunStatus
 from artifacts.store import Store
+from pipeline.compile_budget import compile_estimate, human
 from pipeline.executors import Executor
 from pipeline.jobs import CompiledGraph, GraphJob, ModelPlan, find_compilation, known_failure
 from pipeline.release import Published, build_release, publish, release_ref
 from pipeline.spec import Spec
 from pipeline.tasks import CompileOutcome, TracedJob, TraceOutcome, compile_graph, trace_model
 
-HIT_DIRECT = "direct-hit"
-HIT_HLO = "hlo-hit"
-COMPILED = "compiled"
-FAILED = "failed"
-INTERRUPTED = "interrupted"  # a run's status (never an item's): it stopped before the end
+HIT_DIRECT = ItemStatus.HIT_DIRECT
+HIT_HLO = ItemStatus.HIT_HLO
+COMPILED = ItemStatus.COMPILED
+FAILED = ItemStatus.FAILED
 
 
 @dataclass
 class ItemResult:
     job: GraphJob
-    status: str  # direct-hit | hlo-hit | compiled | failed
+    status: ItemStatus
     compiled: CompiledGraph | None = None
     hlo_key: str | None = None
     trace_seconds: float = 0.0
@@ -67,6 +60,17 @@ class ItemResult:
             "error": self.error,
         }
 
+    @classmethod
+    def traced_failure(cls, traced: TracedJob, error: str) -> ItemResult:
+        """A graph that was traced but did not compile (or was not let compile)."""
+        return cls(
+            traced.job,
+            FAILED,
+            hlo_key=traced.hlo_key,
+            trace_seconds=traced.trace_seconds,
+            error=error,
+        )
+
 
 @dataclass
 class RunReport:
@@ -76,7 +80,7 @@ class RunReport:
     not_released: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    def count(self, status: str) -> int:
+    def count(self, status: ItemStatus) -> int:
         return sum(1 for i in self.items if i.status == status)
 
     @property
@@ -173,7 +177,7 @@ class Runner:
         root = getattr(self.store.backend, "root", None)
         if root is not None:
             paths.insert(0, str(root))
-        index = _sqlite_path(self.store.index_url)
+        index = self.store.index_path
         if index is not None:
             paths.insert(0, str(index))
         return paths
@@ -252,12 +256,8 @@ class Runner:
                 failure = known_failure(self.store, traced.hlo_key)
                 if failure is not None:
                     self._finish(
-                        ItemResult(
-                            traced.job,
-                            FAILED,
-                            hlo_key=traced.hlo_key,
-                            trace_seconds=traced.trace_seconds,
-                            error=f"known failure (--no-retry-failed): {failure}",
+                        ItemResult.traced_failure(
+                            traced, f"known failure (--no-retry-failed): {failure}"
                         )
                     )
                     continue
@@ -271,8 +271,6 @@ class Runner:
         if budget is None:
             self._submit_compile(traced, 0)
             return
-        from pipeline.compile_budget import compile_estimate, human  # noqa: PLC0415
-
         estimate = compile_estimate(self.store, traced.job, traced.hlo_size, traced.signature)
         if estimate > budget:
             job = traced.job
@@ -281,12 +279,7 @@ class Runner:
                 f" estimated compile memory {human(estimate)} exceeds --max-memory"
                 f" {human(budget)}"
             )
-            self._finish(
-                ItemResult(
-                    job, FAILED, hlo_key=traced.hlo_key, trace_seconds=traced.trace_seconds,
-                    error=error,
-                )
-            )
+            self._finish(ItemResult.traced_failure(traced, error))
             self._release_waiting(traced, error)
             return
         self._queued.append((traced, estimate))
@@ -310,13 +303,10 @@ class Runner:
         self._in_flight[traced.hlo_key] = estimate
 
     def _hlo_hit(self, traced: TracedJob, hit: CompiledGraph) -> None:
-        from artifacts.index import ops  # noqa: PLC0415
-
         self.store.touch_blobs(_compiled_blobs(hit))  # gc spares them until the release
-        with write_transaction(self.store.engine) as conn:
-            ops.record_recipe(
-                conn, traced.job.direct_key, traced.hlo_key, traced.hlo_digest, traced.signature
-            )
+        self.store.record_recipe(
+            traced.job.direct_key, traced.hlo_key, traced.hlo_digest, traced.signature
+        )
         self._finish(ItemResult(traced.job, HIT_HLO, hit, traced.hlo_key, traced.trace_seconds))
 
     def _release_waiting(self, traced: TracedJob, error: str | None) -> None:
@@ -327,12 +317,8 @@ class Runner:
                 self._hlo_hit(waiter, hit)
                 continue
             self._finish(
-                ItemResult(
-                    waiter.job,
-                    FAILED,
-                    hlo_key=waiter.hlo_key,
-                    trace_seconds=waiter.trace_seconds,
-                    error=f"same HLO as {traced.job.label}, whose compile failed: {error}",
+                ItemResult.traced_failure(
+                    waiter, f"same HLO as {traced.job.label}, whose compile failed: {error}"
                 )
             )
 
@@ -368,15 +354,7 @@ class Runner:
         self._release_waiting(traced, None if outcome.compiled else outcome.error or "failed")
 
     def _compile_failed(self, traced: TracedJob, error: str) -> None:
-        self._finish(
-            ItemResult(
-                traced.job,
-                FAILED,
-                hlo_key=traced.hlo_key,
-                trace_seconds=traced.trace_seconds,
-                error=error,
-            )
-        )
+        self._finish(ItemResult.traced_failure(traced, error))
         self._release_waiting(traced, error)
 
     def _publish(self) -> None:
@@ -408,40 +386,18 @@ class Runner:
                 )
 
     def _record_run_start(self, started_at: float) -> None:
-        with write_transaction(self.store.engine) as conn:
-            _mark_dead_runs_interrupted(conn)
-            conn.execute(
-                RunRow.__table__.insert(),
-                {  # type: ignore[attr-defined]
-                    "id": self.report.run_id,
-                    "started_at": started_at,
-                    "finished_at": None,
-                    "status": "running",
-                    "spec_digest": str(self.spec.digest),
-                    "host": socket.gethostname(),
-                    "user": _user(),
-                    "summary": json.dumps({"pid": os.getpid()}),  # for _mark_dead_runs
-                    "record_digest": None,
-                },
-            )
+        run = self._record(started_at, None, RunStatus.RUNNING, {"pid": os.getpid()})
+        self.store.record_run_started(run, pid_alive)  # the pid: for runs that die unrecorded
 
     def _record_interrupted(self, started_at: float) -> None:
         """Best effort: the run's record (else just its row) says `interrupted`."""
         try:
-            self._record_run_end(started_at, INTERRUPTED)
+            self._record_run_end(started_at, RunStatus.INTERRUPTED)
             return
         except Exception:  # noqa: BLE001, S110 - e.g. the disk is full: try the row alone
             pass
-        summary = {k: v for k, v in self.report.to_json().items() if k != "items"}
         try:
-            with write_transaction(self.store.engine) as conn:
-                conn.execute(
-                    update(RunRow)
-                    .where(RunRow.id == self.report.run_id)
-                    .values(
-                        status=INTERRUPTED, finished_at=time.time(), summary=json.dumps(summary)
-                    )
-                )
+            self.store.mark_run_interrupted(self.report.run_id, time.time(), self._summary())
         except Exception as exc:  # noqa: BLE001 - the next run on this host marks it
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             sys.stderr.write(
@@ -449,44 +405,35 @@ class Runner:
                 " the next `kiln compile` on this host will\n"
             )
 
-    def _record_run_end(self, started_at: float, status: str | None = None) -> None:
-        summary = {k: v for k, v in self.report.to_json().items() if k != "items"}
-        record = {
-            "mediaType": RUN_MEDIA_TYPE,
-            "id": self.report.run_id,
-            "started_at": started_at,
-            "finished_at": time.time(),
-            "status": status or ("ok" if self.report.ok else "failed"),
-            "spec_digest": str(self.spec.digest),
-            "host": socket.gethostname(),
-            "user": _user(),
-            "summary": summary,
-            "items": [i.to_json() for i in self.report.items],
-        }
-        put = self.store.put_bytes(canonical_json(record), kind="run")
-        with write_transaction(self.store.engine) as conn:
-            conn.execute(
-                RunRow.__table__.delete().where(  # type: ignore[attr-defined]
-                    RunRow.id == self.report.run_id
-                )
-            )
-            index_run(conn, str(put.digest), record)
+    def _summary(self) -> dict[str, Any]:
+        return {k: v for k, v in self.report.to_json().items() if k != "items"}
 
+    def _record_run_end(self, started_at: float, status: RunStatus | None = None) -> None:
+        ok = RunStatus.OK if self.report.ok else RunStatus.FAILED
+        items = tuple(i.to_json() for i in self.report.items)
+        self.store.record_run(
+            self._record(started_at, time.time(), status or ok, self._summary(), items)
+        )
 
-def _mark_dead_runs_interrupted(conn: Connection) -> None:
-    """Runs of this host still `running` whose process is gone (SIGKILL, or the disk was
-    too full to record the end) become `interrupted`."""
-    host = socket.gethostname()
-    rows = conn.execute(
-        select(RunRow.id, RunRow.summary).where(RunRow.status == "running", RunRow.host == host)
-    ).all()
-    for run_id, summary in rows:
-        try:
-            pid = json.loads(summary or "{}").get("pid")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(pid, int) and not pid_alive(pid):
-            conn.execute(update(RunRow).where(RunRow.id == run_id).values(status=INTERRUPTED))
+    def _record(
+        self,
+        started_at: float,
+        finished_at: float | None,
+        status: RunStatus,
+        summary: dict[str, Any],
+        items: tuple[dict[str, Any], ...] = (),
+    ) -> RunRecord:
+        return RunRecord(
+            id=self.report.run_id,
+            started_at=started_at,
+            finished_at=finished_at,
+            status=status,
+            spec_digest=str(self.spec.digest),
+            host=socket.gethostname(),
+            user=_user(),
+            summary=summary,
+            items=items,
+        )
 
 
 def _user() -> str:

@@ -15,21 +15,20 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-
 from artifacts import leases
-from artifacts.digest import Digest, canonical_json
+from artifacts.digest import Digest
 from artifacts.diskspace import is_disk_full
-from artifacts.index import ops
-from artifacts.index.db import write_transaction
-from artifacts.index.models import CompilationRow
-from artifacts.records import COMPILATION_MEDIA_TYPE
-from artifacts.reindex import index_compilation
+from artifacts.records import CompilationRecord, RunStatus
 from artifacts.store import Store
+from pipeline.compile import get_compiler
+from pipeline.compile_budget import PeakRss
+from pipeline.errors import CompileError
 from pipeline.jobs import CompiledGraph, GraphJob, find_compilation
 from pipeline.keys import hlo_key
 from pipeline.spec import ModelSpec
-from pipeline.weights import WeightBlobs
+from pipeline.trace import hlo_digest_bytes, weight_tensors
+from pipeline.triage import triage
+from pipeline.weights import WeightBlobs, store_weights
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,6 @@ def trace_model(
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.sources import load_model  # noqa: PLC0415
-    from pipeline.trace import hlo_digest_bytes, weight_tensors  # noqa: PLC0415
     from pipeline.tracers import get_tracer  # noqa: PLC0415
 
     store = _store(store_url, index_url) if write or weights_key else None
@@ -149,8 +147,6 @@ def trace_model(
         traced.append(TracedJob(job, digest, size, key, signature, seconds))
     weights = None
     if weights_key and store is not None and weight_names:
-        from pipeline.weights import store_weights  # noqa: PLC0415
-
         try:
             weights = store_weights(
                 store, weights_key, {n: tensors[n] for n in sorted(weight_names)}
@@ -174,7 +170,7 @@ def compile_graph(
     """
     store = _store(store_url, index_url)
     key, owner, ttl = f"compile:{traced.hlo_key}", leases.new_owner(), leases.lease_ttl()
-    seen = _last_compilation_id(store, traced.hlo_key)
+    seen = store.last_compilation_id(traced.hlo_key)
     done = leases.acquire_or_wait(
         store, key, owner, ttl, lambda: _compiled_elsewhere(store, traced, seen)
     )
@@ -185,29 +181,12 @@ def compile_graph(
         return done if done is not None else _compile(store, traced, timeout)
 
 
-def _last_compilation_id(store: Store, key: str) -> int:
-    with store.engine.connect() as conn:
-        last = conn.execute(
-            select(func.max(CompilationRow.id)).where(CompilationRow.hlo_key == key)
-        ).scalar_one()
-    return int(last or 0)
-
-
 def _compiled_elsewhere(store: Store, traced: TracedJob, after_id: int) -> CompileOutcome | None:
     """A success of the key (an HLO hit), or a failure recorded since `after_id`, or None."""
     hit = find_compilation(store, traced.hlo_key, traced.signature)
     if hit is not None:
         return CompileOutcome(traced.job, traced, hit, log_digest=hit.log_digest, hit=True)
-    with store.engine.connect() as conn:
-        row = conn.execute(
-            select(CompilationRow.error, CompilationRow.log_digest)
-            .where(
-                CompilationRow.hlo_key == traced.hlo_key,
-                CompilationRow.status != "ok",
-                CompilationRow.id > after_id,
-            )
-            .order_by(CompilationRow.id.desc())
-        ).first()
+    row = store.failure_since(traced.hlo_key, after_id)
     if row is None:
         return None
     error = f"{row.error or 'failed'} (compiled by another worker at the same time)"
@@ -216,10 +195,6 @@ def _compiled_elsewhere(store: Store, traced: TracedJob, after_id: int) -> Compi
 
 def _compile(store: Store, traced: TracedJob, timeout: float) -> CompileOutcome:
     """Compile one traced graph; store executable, log and a compile record (even on failure)."""
-    from pipeline.compile import get_compiler  # noqa: PLC0415
-    from pipeline.compile_budget import PeakRss  # noqa: PLC0415
-    from pipeline.errors import CompileError  # noqa: PLC0415
-
     job = traced.job
     hlo = store.read_bytes(Digest.parse(traced.hlo_digest))
     compiler = get_compiler(job.compiler)
@@ -241,44 +216,38 @@ def _compile(store: Store, traced: TracedJob, timeout: float) -> CompileOutcome:
     seconds = time.monotonic() - start
     log_put = store.put_bytes(log.encode(), kind="log")
     exe_put = store.put_bytes(result.executable, kind="executable") if result else None
-    record = {
-        "mediaType": COMPILATION_MEDIA_TYPE,
-        "hlo_key": traced.hlo_key,
-        "status": "ok" if result else "failed",
-        "compiler": job.compiler,
-        "compiler_version": result.compiler_version if result else job.compiler_version,
-        "flags": list(job.flags),
-        "target": job.target,
-        "hlo_digest": traced.hlo_digest,
-        "executable_digest": str(exe_put.digest) if exe_put else None,
-        "executable_format": result.format if result else None,
-        "log_digest": str(log_put.digest),
-        "seconds": seconds,
-        "error": error,
-        "reason": reason,
-        "created_at": time.time(),
-        "provenance": {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            # what memory estimates of later compiles of this architecture go by
-            "peak_rss_bytes": peak.peak,
-            "architecture": job.architecture,
-            "graph_kind": job.graph_kind,
-            "bucket": job.bucket_json,
-        },
-        "recipe": {"direct_key": job.direct_key, "signature": traced.signature},
-    }
+    triaged = None
     if result is None and job.compiler == "neuronx-cc":
-        from pipeline.triage import triage  # noqa: PLC0415
-
-        record["triage"] = triage(log, returncode, reason).to_json()
-    record_put = store.put_bytes(canonical_json(record), kind="compilation")
-    with write_transaction(store.engine) as conn:
-        index_compilation(conn, str(record_put.digest), record)
-        if result is not None:
-            ops.record_recipe(
-                conn, job.direct_key, traced.hlo_key, traced.hlo_digest, traced.signature
-            )
+        triaged = triage(log, returncode, reason).to_json()
+    store.record_compilation(
+        CompilationRecord(
+            hlo_key=traced.hlo_key,
+            status=RunStatus.OK if result else RunStatus.FAILED,
+            compiler=job.compiler,
+            compiler_version=result.compiler_version if result else job.compiler_version,
+            flags=job.flags,
+            target=job.target,
+            hlo_digest=traced.hlo_digest,
+            executable_digest=str(exe_put.digest) if exe_put else None,
+            executable_format=result.format if result else None,
+            log_digest=str(log_put.digest),
+            seconds=seconds,
+            error=error,
+            reason=reason,
+            created_at=time.time(),
+            provenance={
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                # what memory estimates of later compiles of this architecture go by
+                "peak_rss_bytes": peak.peak,
+                "architecture": job.architecture,
+                "graph_kind": job.graph_kind,
+                "bucket": job.bucket_json,
+            },
+            recipe={"direct_key": job.direct_key, "signature": traced.signature},
+            triage=triaged,
+        )
+    )
     compiled = None
     if result is not None and exe_put is not None:
         compiled = CompiledGraph(

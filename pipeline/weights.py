@@ -22,8 +22,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from artifacts.digest import Digest, canonical_json
-from artifacts.index import ops
-from artifacts.index.db import write_transaction
 from artifacts.store import Store
 from pipeline.mapped_pages import MappedPages
 from pipeline.safetensors_stream import SafetensorsStream, TensorEntry, split
@@ -158,23 +156,16 @@ def store_weights(
         }
         put = store.put_bytes(canonical_json(record), kind="weights-set")
         digest, size = str(put.digest), put.size
-    with write_transaction(store.engine) as conn:
-        ops.record_weights(conn, key, digest, size)
+    store.record_weights(key, digest, size)
     return tuple(blobs)
 
 
 def recorded_weights(store: Store, digest: str, size: int) -> WeightBlobs | None:
     """The blobs a weights row points at, or None when any of them is gone."""
-    from sqlalchemy import select  # noqa: PLC0415
-
-    from artifacts.index.models import BlobRow  # noqa: PLC0415
-
     parsed = Digest.parse(digest)
     if store.backend.stat(parsed) is None:
         return None
-    with store.engine.connect() as conn:
-        kind = conn.execute(select(BlobRow.kind).where(BlobRow.digest == digest)).scalar()
-    if kind == "weights":
+    if store.blob_kind(digest) == "weights":
         return ((digest, size, SINGLE_NAME),)
     with store.open_blob(parsed) as reader:  # kind unknown (e.g. an older index): look
         head = reader.read(len(_SET_PREFIX))

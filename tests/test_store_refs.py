@@ -121,7 +121,8 @@ def test_a_store_without_index_resolves_lists_and_reads_history(
     assert "prod" in out and "dev" in out
     code, out, err = run_kiln(monkeypatch, capsys, "--store", store_dir, "history", "m:prod",
                               "--json")
-    assert code == 0 and json.loads(out) == history
+    printed = [{k: v for k, v in m.items() if k != "previous_event"} for m in history]
+    assert code == 0 and json.loads(out) == printed  # the CLI prints moves without the chain
     for args in (("stats",), ("gc", "--dry-run"), ("verify",)):
         code, out, err = run_kiln(monkeypatch, capsys, "--store", store_dir, *args)
         assert code == 1

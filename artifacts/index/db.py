@@ -23,7 +23,8 @@ STORE_LOCK = (7312, 0)
 SQLITE_BUSY_TIMEOUT_S = 120
 
 
-def _sqlite_path(url: str) -> Path | None:
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite index URL; None for a server or an in-memory index."""
     if not url.startswith("sqlite:///"):
         return None
     rest = url.removeprefix("sqlite:///")
@@ -34,7 +35,7 @@ def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE for writes."""
     try:
         if url.startswith("sqlite"):
-            path = _sqlite_path(url)
+            path = sqlite_path(url)
             if path is not None:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +177,20 @@ def write_transaction(engine: Engine, exclusive: bool = False) -> Iterator[Conne
             yield conn
 
 
+def sqlite_sound(engine: Engine) -> bool:
+    """False for a SQLite file whose pages are garbled (it opens, but a rebuild in place
+    would fail half-way); True for a sound one and for a server index."""
+    if engine.dialect.name != "sqlite":
+        return True
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("PRAGMA quick_check(1)").scalar() == "ok"
+    except DatabaseError:
+        return False
+
+
 def display_url(url: str) -> str:
-    path = _sqlite_path(url)
+    path = sqlite_path(url)
     if path is not None:
         return str(path)
     return redact_url(url)

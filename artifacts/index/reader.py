@@ -30,11 +30,11 @@ from artifacts.index.db import (
     KNOWN_REVISIONS,
     SQLITE_BUSY_TIMEOUT_S,
     _short,
-    _sqlite_path,
     current_revision,
     display_url,
     ensure_schema,
     make_engine,
+    sqlite_path,
 )
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -113,7 +113,7 @@ def writable(path: Path) -> bool:
 
 def open_for_reading(url: str) -> tuple[Engine | None, str]:
     """(engine, "") for a usable index, or (None, why not) when the reader goes without."""
-    path = _sqlite_path(url)
+    path = sqlite_path(url)
     if path is None:
         if url.startswith("sqlite"):
             return None, f"index {url} is not a file"
