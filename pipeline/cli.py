@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -120,6 +121,12 @@ def plan_command(
     help="Bound the estimated memory of the compiles running at once (e.g. 16G); default:"
     " the spec's defaults.max_memory, else unbounded.",
 )
+@click.option(
+    "--recheck",
+    is_flag=True,
+    help="Look every graph up in the index and record the run, even when nothing changed"
+    " since the last run on this host (which otherwise ends at once, recording nothing).",
+)
 @store_options
 @json_option
 def compile_command(
@@ -135,20 +142,24 @@ def compile_command(
     shard_count: int | None,
     no_publish: bool,
     max_memory: str | None,
+    recheck: bool,
     store_url: str | None,
     index_url: str | None,
     as_json: bool,
 ) -> None:
     """Compile every graph of SPEC that the cache does not already hold, then tag releases.
 
+    A rerun that would change nothing (same spec, sources, compilers and options; every tag
+    still on its release) reports the same result at once, without the index
+    (pipeline/noop.py); --recheck takes the full path.
+
     With --shard I/N (or --shard-count N in an Indexed Job / array job) only that shard's
     graphs are compiled and nothing is published: a final unsharded run tags the releases."""
-    # Deferred so that `kiln --help` (which loads this module) stays as fast as it was.
+    # Deferred so that `kiln --help` (which loads this module) stays as fast as it was; the
+    # index side (jobs, run, executors: SQLAlchemy) only once the no-op shortcut is ruled out.
     from artifacts.refs import TAG_RE  # noqa: PLC0415
-    from pipeline.executors import make_executor  # noqa: PLC0415
     from pipeline.interrupt import sigterm_interrupts  # noqa: PLC0415
-    from pipeline.jobs import plan_spec  # noqa: PLC0415
-    from pipeline.run import Runner, RunOptions  # noqa: PLC0415
+    from pipeline.noop import check_shortcut, forget, record_of, save_record  # noqa: PLC0415
     from pipeline.shard import ShardError, resolve_shard, select_shard  # noqa: PLC0415
     from pipeline.spec import load_spec  # noqa: PLC0415
 
@@ -166,10 +177,26 @@ def compile_command(
             budget = parse_size(max_memory)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--max-memory") from None
+    started = time.monotonic()
     spec = load_spec(spec_path)
     budget = budget if budget is not None else spec.max_memory
+    shortcut = None
+    if part is None and not no_publish and not recheck:
+        shortcut = check_shortcut(spec, backend, _flags(flags), tag, store_url, index_url)
+        if shortcut.record is not None:
+            _print_noop(shortcut.record, time.monotonic() - started, as_json)
+            return
+    from pipeline.executors import make_executor  # noqa: PLC0415
+    from pipeline.jobs import lookup_cache, plan_spec  # noqa: PLC0415
+    from pipeline.run import Runner, RunOptions  # noqa: PLC0415
+
     with sigterm_interrupts(), open_store(store_url, index_url) as store:
-        plans = plan_spec(spec, store, backend, _flags(flags))
+        if shortcut is not None:
+            plans = shortcut.plans
+            for plan in plans:
+                lookup_cache(store, plan)
+        else:
+            plans = plan_spec(spec, store, backend, _flags(flags))
         if part is not None:
             plans = select_shard(plans, part)
         executor = make_executor(executor_kind, workers or os.cpu_count() or 1)
@@ -194,6 +221,12 @@ def compile_command(
             raise
         finally:
             executor.shutdown()
+        if shortcut is not None:
+            record = record_of(shortcut.key, report, store)
+            if record is not None:
+                save_record(record)
+            else:
+                forget(shortcut.key)
     if as_json:
         data = report.to_json()
         if part is not None:
@@ -206,6 +239,39 @@ def compile_command(
             click.echo(f"{where}no releases published (run `kiln compile SPEC` to tag them)")
     if not report.ok:
         sys.exit(1)
+
+
+def _print_noop(record, seconds: float, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    """The report of a no-op rerun: what the full path would print for the same outcome."""
+    data = record.report_json(seconds)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    items = sorted(record.items, key=lambda i: (i.model, i.target, i.graph_kind, i.batch, i.seq))
+    click.echo(
+        render_table(
+            ["MODEL", "GRAPH", "BUCKET", "TARGET", "RESULT", "TRACE", "COMPILE"],
+            [[i.model, i.graph_kind, i.bucket, i.target, "direct-hit", "-", "-"] for i in items],
+        )
+    )
+    _print_totals(data, seconds)
+    click.echo(
+        f"nothing changed since run {record.run_id}: not recorded as a run (--recheck looks"
+        " every graph up in the index and records it)"
+    )
+
+
+def _print_totals(data: dict, seconds: float) -> None:  # type: ignore[type-arg]
+    click.echo(
+        f"\n{data['jobs']} graphs: {data['compiled']} compiled, {data['direct_hits']}"
+        f" direct hits, {data['hlo_hits']} HLO hits, {data['failed']} failed"
+        f" in {seconds:.1f}s"
+    )
+    for p in data["releases"]:
+        state = "unchanged" if p["unchanged"] else "new"
+        click.echo(f"release {p['ref']} -> {p['digest']} ({state})")
+    for line in data["not_released"]:
+        click.echo(f"not released: {line}")
 
 
 def _progress(item, done: int, total: int) -> None:  # type: ignore[no-untyped-def]
@@ -242,17 +308,7 @@ def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
             ],
         )
     )
-    data = report.to_json()
-    click.echo(
-        f"\n{data['jobs']} graphs: {data['compiled']} compiled, {data['direct_hits']}"
-        f" direct hits, {data['hlo_hits']} HLO hits, {data['failed']} failed"
-        f" in {report.seconds:.1f}s"
-    )
-    for p in report.releases:
-        state = "unchanged" if p.unchanged else "new"
-        click.echo(f"release {p.ref} -> {p.digest} ({state})")
-    for line in report.not_released:
-        click.echo(f"not released: {line}")
+    _print_totals(report.to_json(), report.seconds)
 
 
 @click.command("import-neuron-cache")

@@ -20,6 +20,7 @@ takes it. One difference is accepted: a newer compile of an HLO key the release 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -27,28 +28,56 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from artifacts.config import user_cache_dir
+from artifacts.backends import open_backend
+from artifacts.config import resolve_index_url, resolve_store_url, user_cache_dir
 from artifacts.digest import Digest, canonical_json
+from artifacts.tagrefs import read_tag_ref
 
 NOOP_DIR_ENV = "KILN_NOOP_DIR"
 RECORD_VERSION = 1
+DIRECT_HIT = "direct-hit"  # artifacts.records.ItemStatus.HIT_DIRECT, without its imports
 
 
 @dataclass(frozen=True)
 class NoopItem:
     model: str
     graph_kind: str
-    bucket: str
+    batch: int
+    seq: int
     target: str
     direct_key: str
+    hlo_key: str
 
-    def to_json(self) -> dict[str, str]:
+    @property
+    def bucket(self) -> str:
+        return f"b{self.batch}xs{self.seq}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "graph_kind": self.graph_kind,
+            "batch": self.batch,
+            "seq": self.seq,
+            "target": self.target,
+            "direct_key": self.direct_key,
+            "hlo_key": self.hlo_key,
+        }
+
+    def report_json(self) -> dict[str, Any]:
+        """The item as a run report lists a direct hit (pipeline.run.ItemResult.to_json)."""
         return {
             "model": self.model,
             "graph_kind": self.graph_kind,
             "bucket": self.bucket,
             "target": self.target,
+            "status": DIRECT_HIT,
+            "hit_kind": DIRECT_HIT,
             "direct_key": self.direct_key,
+            "hlo_key": self.hlo_key,
+            "trace_seconds": 0.0,
+            "compile_seconds": 0.0,
+            "log_digest": None,
+            "error": None,
         }
 
 
@@ -77,6 +106,26 @@ class NoopRecord:
     items: tuple[NoopItem, ...]
     releases: tuple[NoopRelease, ...]
 
+    def report_json(self, seconds: float) -> dict[str, Any]:
+        """What `kiln compile --json` prints: the full path's report of the same outcome,
+        with no run of its own (`run_id` null) and the run it repeats."""
+        return {
+            "run_id": None,
+            "noop": {"same_as_run": self.run_id},
+            "jobs": len(self.items),
+            "compiled": 0,
+            "direct_hits": len(self.items),
+            "hlo_hits": 0,
+            "failed": 0,
+            "seconds": round(seconds, 3),
+            "releases": [
+                {"ref": r.ref, "digest": r.digest, "target": r.target, "unchanged": True}
+                for r in self.releases
+            ],
+            "not_released": [],
+            "items": [i.report_json() for i in self.items],
+        }
+
     def to_bytes(self) -> bytes:
         return canonical_json(
             {
@@ -96,7 +145,7 @@ class NoopRecord:
         return cls(
             key=str(value["key"]),
             run_id=str(value["run_id"]),
-            items=tuple(NoopItem(**i) for i in value["items"]),
+            items=tuple(NoopItem(**i) for i in value["items"]),  # type: ignore[arg-type]
             releases=tuple(
                 NoopRelease(**{**r, "blobs": tuple(r["blobs"])}) for r in value["releases"]
             ),
@@ -136,7 +185,7 @@ def noop_key(
             for m in models
         ],
     }
-    return str(Digest.of(canonical_json(value)))
+    return str(Digest.of_bytes(canonical_json(value)))
 
 
 def records_dir() -> Path:
@@ -192,3 +241,100 @@ def still_current(
             if not has_blob(Digest.parse(digest)):
                 return False
     return True
+
+
+def model_keys(plans: Iterable[Any]) -> list[ModelKeys]:
+    """The key's share of each pipeline.planning.ModelPlan."""
+    return [
+        ModelKeys(p.model.name, p.weights_key, tuple(j.direct_key for j in p.jobs)) for p in plans
+    ]
+
+
+def find_noop(key: str, backend: Any) -> NoopRecord | None:
+    """The record of `key` if it still describes the store behind `backend` (ref objects and
+    blobs only: no index). None sends the run down the full path."""
+    record = load_record(key)
+    if record is None:
+        return None
+
+    def read_tag(name: str, tag: str) -> str | None:
+        ref = read_tag_ref(backend, name, tag)
+        return None if ref is None else str(ref.digest)
+
+    try:
+        current = still_current(record, read_tag, backend.has)
+    except Exception:  # noqa: BLE001 - an unreadable ref or store: the full path reports it
+        return None
+    return record if current else None
+
+
+def record_of(key: str, report: Any, store: Any) -> NoopRecord | None:
+    """The record of a finished full run (a pipeline.run.RunReport), or None when the run
+    is not one a rerun may repeat (a failed graph, an unpublished release)."""
+    if not report.ok or report.not_released or not report.releases:
+        return None
+    items = tuple(
+        NoopItem(
+            i.job.model,
+            i.job.graph_kind,
+            i.job.bucket.batch,
+            i.job.bucket.seq,
+            i.job.target,
+            i.job.direct_key,
+            i.hlo_key or "",
+        )
+        for i in report.items
+    )
+    releases = []
+    for p in report.releases:
+        release = store.load_release(Digest.parse(p.digest))
+        blobs = tuple(dict.fromkeys(str(ref.digest) for _, ref in release.blob_refs()))
+        releases.append(NoopRelease(p.ref, p.digest, p.model, p.target, blobs))
+    return NoopRecord(key, report.run_id, items, tuple(releases))
+
+
+@dataclass
+class Shortcut:
+    """A compile's plans (keys only, nothing looked up) and, for a no-op rerun, its record."""
+
+    key: str
+    plans: list[Any]  # pipeline.planning.ModelPlan
+    record: NoopRecord | None
+
+
+def check_shortcut(
+    spec: Any,
+    backend: str,
+    flags: tuple[str, ...] | None,
+    tag: str | None,
+    store_flag: str | None,
+    index_flag: str | None,
+) -> Shortcut:
+    """Plan `spec` (a pipeline.spec.Spec) and look for its no-op record; store and index
+    resolve as Store.open resolves them."""
+    from pipeline.planning import plan_jobs  # noqa: PLC0415 - the build side, not for kiln --help
+
+    store_url = resolve_store_url(store_flag)
+    plans = [plan_jobs(m, backend, flags) for m in spec.models]
+    key = noop_key(
+        spec_digest=str(spec.digest),
+        store_url=store_url,
+        index_url=resolve_index_url(store_url, index_flag),
+        backend=backend,
+        flags=flags,
+        tag=tag,
+        version=_kiln_version(),
+        models=model_keys(plans),
+    )
+    try:
+        store_backend = open_backend(store_url, create=False)
+    except Exception:  # noqa: BLE001 - no store yet, or unreachable: the full path says which
+        return Shortcut(key, plans, None)
+    return Shortcut(key, plans, find_noop(key, store_backend))
+
+
+def _kiln_version() -> str:
+    try:
+        return importlib.metadata.version("kiln")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -66,34 +66,36 @@ def _statuses(report: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """minilm.yaml compiled into a fresh store, then compiled again (in a process that must
-    never import torch)."""
+    """minilm.yaml compiled into a fresh store, then compiled again with --recheck (the full
+    path, in a process that must never import torch), then once more (the no-op shortcut, in
+    a process that must not import SQLAlchemy either)."""
     store = tmp_path_factory.mktemp("minilm") / "store"
     first = compile_json(MINILM, store)
     first_release = release(store, "minilm:latest")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            NO_TRACE_WRAPPER,
-            "compile",
-            str(MINILM),
-            "--store",
-            str(store),
-            "--json",
-        ],
-        cwd=REPO,
-        env=kiln_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def rerun(*extra: str, heavy: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        wrapper = NO_TRACE_WRAPPER.replace(repr(HEAVY), repr(heavy))
+        command = [sys.executable, "-c", wrapper, "compile", str(MINILM), "--store", str(store)]
+        return subprocess.run(
+            [*command, "--json", *extra],
+            cwd=REPO,
+            env=kiln_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    second = rerun("--recheck", heavy=HEAVY)
+    second_release = release(store, "minilm:latest")
+    third = rerun(heavy=(*HEAVY, "sqlalchemy"))
     return {
         "store": store,
         "first": first,
         "first_release": first_release,
-        "second_proc": proc,
-        "second_release": release(store, "minilm:latest"),
+        "second_proc": second,
+        "second_release": second_release,
+        "third_proc": third,
+        "third_release": release(store, "minilm:latest"),
     }
 
 
@@ -452,6 +454,41 @@ def test_every_run_and_item_is_recorded(minilm: dict[str, Any]) -> None:
     assert {(i["status"], i["hit_kind"]) for i in second["items"]} == {("direct-hit", "direct-hit")}
     direct_keys = {i["direct_key"] for i in first["items"]}
     assert direct_keys == {i["direct_key"] for i in second["items"]} and len(direct_keys) == 6
+
+
+def test_an_unchanged_rerun_is_a_noop_without_the_index(minilm: dict[str, Any]) -> None:
+    """The third compile changes nothing: it reports what the full path reported, as no run
+    of its own, without importing SQLAlchemy (the wrapper asserts it) or recording a run."""
+    proc = minilm["third_proc"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    third = json.loads(proc.stdout)
+    second = json.loads(minilm["second_proc"].stdout)
+    assert third["run_id"] is None and third["noop"] == {"same_as_run": second["run_id"]}
+    for field in ("jobs", "compiled", "direct_hits", "hlo_hits", "failed", "not_released"):
+        assert third[field] == second[field], field
+
+    def by_key(report: dict[str, Any]) -> list[dict[str, Any]]:
+        return sorted(report["items"], key=lambda i: i["direct_key"])
+
+    assert by_key(third) == by_key(second)
+    assert third["releases"] == second["releases"]
+    assert minilm["third_release"] == minilm["second_release"]
+    assert len(runs(minilm["store"])) == 2
+
+
+def test_a_changed_spec_or_recheck_takes_the_full_path(
+    minilm: dict[str, Any], tmp_path: Path
+) -> None:
+    store = copy_store(minilm["store"], tmp_path / "store")
+    assert compile_json(MINILM, store)["run_id"] is not None  # another store: not the record
+    assert compile_json(MINILM, store)["run_id"] is None  # ... until it has one
+    assert compile_json(MINILM, store, "--recheck")["run_id"] is not None
+    edited = tmp_path / "minilm.yaml"
+    edited.write_text(MINILM.read_text() + "\n# a comment changes the spec's bytes\n")
+    report = compile_json(edited, store)
+    assert report["run_id"] is not None and report["direct_hits"] == report["jobs"] == 6
+    assert compile_json(edited, store)["run_id"] is None
+    assert len(runs(store)) == 2 + 3
 
 
 def test_kiln_plan_before_and_after_compile(minilm: dict[str, Any], micro: dict[str, Any]) -> None:
