@@ -21,16 +21,17 @@ import pytest
 
 from artifacts.backends import open_backend
 from artifacts.backends.local import LocalBlobBackend
-from artifacts.backends.s3 import (  # noqa: E402
+from artifacts.backends.s3 import S3BlobBackend, parse_s3_url  # noqa: E402
+from artifacts.digest import Digest
+from artifacts.errors import (
+    ArtifactError,
+    BlobCorrupted,
     S3AccessDenied,
-    S3BlobBackend,
     S3BucketNotFound,
     S3Error,
     S3Unreachable,
-    parse_s3_url,
+    StoreConfigError,
 )
-from artifacts.digest import Digest
-from artifacts.errors import ArtifactError, BlobCorrupted, StoreConfigError
 from artifacts.store import Store
 from tests.conftest import build_release
 from tests.s3_server import BUCKET, S3Fixture, SeaweedServer, aws_environment, require_s3_tools

@@ -62,10 +62,13 @@ from botocore.exceptions import (
 from artifacts.backends.base import BlobInfo, PutResult, VerifyingReader
 from artifacts.digest import ALGORITHM, CHUNK_SIZE, Digest, Hasher
 from artifacts.errors import (
-    ArtifactError,
     BlobCorrupted,
     BlobNotFound,
     InvalidDigest,
+    S3AccessDenied,
+    S3BucketNotFound,
+    S3Error,
+    S3Unreachable,
     SizeMismatch,
     StoreConfigError,
 )
@@ -108,22 +111,6 @@ _NETWORK_ERRORS = (
 CREDENTIALS_ERRORS = (NoCredentialsError, PartialCredentialsError)
 
 T = TypeVar("T")
-
-
-class S3Error(ArtifactError):
-    """An S3 request failed; the message names the bucket and key."""
-
-
-class S3BucketNotFound(S3Error, StoreConfigError):
-    """The store URL's bucket does not exist at the endpoint."""
-
-
-class S3AccessDenied(S3Error, StoreConfigError):
-    """The credentials are missing or not allowed to do this."""
-
-
-class S3Unreachable(S3Error, ConnectionError):
-    """The endpoint could not be reached, or dropped the connection, after retries."""
 
 
 def no_credentials(url: str, exc: BaseException) -> S3AccessDenied:
