@@ -27,6 +27,7 @@ from artifacts.errors import (
     ReindexRefused,
     StoreIndexError,
 )
+from artifacts.fsio import replace_durably
 from artifacts.index import ops
 from artifacts.index.db import _sqlite_path, ensure_schema, make_engine, write_transaction
 from artifacts.index.models import (
@@ -193,7 +194,7 @@ def _rebuild_beside(
         raise
     engine.dispose()
     _remove_sqlite(path, keep_main=True)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
     _remove_sqlite(tmp)
     return report
 

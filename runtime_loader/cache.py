@@ -7,7 +7,6 @@ A blob's mtime is touched when a model uses it, so pruning removes least recentl
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import mmap
@@ -19,7 +18,9 @@ from pathlib import Path
 from artifacts.backends.local import LocalBlobBackend
 from artifacts.config import CACHE_ENV, user_cache_dir
 from artifacts.digest import Digest
+from artifacts.diskspace import is_disk_full
 from artifacts.errors import BlobCorrupted, BlobNotFound, InvalidReference, SizeMismatch
+from artifacts.fsio import write_atomic
 from artifacts.refs import DEFAULT_TAG, parse_tag_name
 from runtime_loader.errors import CacheFull, LoaderError
 
@@ -140,17 +141,12 @@ class LocalCache:
         write (a read-only mount, a shared cache owned by another user) still serves loads:
         the ref is then not recorded, with one warning per cache, and False is returned."""
         path = self._ref_path(ref)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        record = json.dumps({"digest": str(digest), "store": store, "at": time.time()})
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"digest": str(digest), "store": store, "at": time.time()}))
-            os.replace(tmp, path)
+            write_atomic(path, record.encode(), suffix=".tmp")
         except OSError as exc:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            if exc.errno == errno.ENOSPC:
+            if is_disk_full(exc):
                 raise CacheFull(
                     f"the cache {self.root} ran out of space recording {ref} -> {digest}:"
                     " make room (kiln cache prune --max-size SIZE) or use a larger disk"
