@@ -179,14 +179,10 @@ class LocalCache:
         return path
 
     def blobs(self) -> list[CachedBlob]:
-        out = []
-        for info in self.backend.iter_blobs():
-            try:
-                mtime = self.backend.path_of(info.digest).stat().st_mtime
-            except FileNotFoundError:
-                continue
-            out.append(CachedBlob(str(info.digest), info.size, mtime))
-        return out
+        return [
+            CachedBlob(str(info.digest), info.size, info.modified_at)
+            for info in self.backend.iter_blobs()
+        ]
 
     def prune(self, max_bytes: int, dry_run: bool = False) -> list[CachedBlob]:
         """Delete least recently used blobs until the cache holds at most `max_bytes`."""
