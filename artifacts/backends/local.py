@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from artifacts.backends.base import (
     digest_at,
 )
 from artifacts.digest import CHUNK_SIZE, Digest, Hasher
+from artifacts.diskspace import is_disk_full
 from artifacts.errors import BlobCorrupted, BlobNotFound, NoSpace, StoreConfigError
 from artifacts.fsio import TEMP_SUFFIX, AtomicFile, fsync_dir, iter_chunks, write_all, write_atomic
 
@@ -81,7 +81,7 @@ class LocalBlobBackend(BlobBackend):
         try:
             return self._put(stream, expected)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_disk_full(exc):
                 raise
             raise NoSpace(
                 f"cannot write to {self.root}: no space left on device; the blob being"
