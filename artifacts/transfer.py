@@ -38,7 +38,7 @@ from artifacts.errors import (
     ReferenceNotFound,
     SizeMismatch,
 )
-from artifacts.fsio import AtomicFile, read_full
+from artifacts.fsio import AtomicFile, read_full, write_all
 from artifacts.manifest import RELEASE_MEDIA_TYPE, Release
 from artifacts.records import SNIFF_LIMIT
 from artifacts.refs import TagName, parse_tag_name
@@ -246,11 +246,8 @@ class _Output:
         self.written = 0
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data).cast("B")
         try:
-            while view:
-                n = self._stream.write(view)  # unbuffered: a short write is possible
-                view = view[n or 0 :]
+            write_all(self._stream, data)
         except OSError as exc:
             raise _write_error(self.path, exc, self.in_place) from None
         self.written += len(data)
