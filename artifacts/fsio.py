@@ -41,6 +41,8 @@ class AtomicFile:
     without `commit` (an exception, a refusal) removes the temp file. The final path may be
     chosen only after writing (a blob is named by the hash of what was written). OSErrors
     of these steps (not of the caller's writes) go through `on_error` when it is given.
+    With `durable=False` nothing is fsynced: still all or nothing, but a crash may lose the
+    file (for hints that are cheap to recompute).
     """
 
     def __init__(
@@ -51,8 +53,10 @@ class AtomicFile:
         suffix: str = TEMP_SUFFIX,
         mode: int = 0o644,
         on_error: Callable[[OSError], BaseException] | None = None,
+        durable: bool = True,
     ) -> None:
         self._folder = Path(folder)
+        self._durable = durable
         self._prefix = prefix
         self._suffix = suffix
         self._mode = mode
@@ -72,10 +76,14 @@ class AtomicFile:
         """fsync, chmod, rename over `path`, fsync its folder."""
         path = Path(path)
         with _translated(self._on_error):
-            os.fsync(self.file.fileno())
+            if self._durable:
+                os.fsync(self.file.fileno())
             self.file.close()
             os.chmod(self.tmp, self._mode)
-            replace_durably(self.tmp, path)
+            if self._durable:
+                replace_durably(self.tmp, path)
+            else:
+                os.replace(self.tmp, path)
             self._committed = True
 
     def __exit__(
@@ -109,12 +117,15 @@ def write_atomic(
     tmp_dir: Path | str | None = None,
     suffix: str = TEMP_SUFFIX,
     mode: int = 0o644,
+    durable: bool = True,
 ) -> None:
-    """Replace `path` with `data` durably: readers see the old bytes or the new, never a mix.
-    The temp file is in `tmp_dir` (same filesystem) or beside `path` as `.NAME.*`."""
+    """Replace `path` with `data`: readers see the old bytes or the new, never a mix; durable
+    (fsynced) unless `durable=False`. The temp file is in `tmp_dir` (same filesystem) or
+    beside `path` as `.NAME.*`."""
     path = Path(path)
     prefix = "" if tmp_dir is not None else f".{path.name}."
-    with AtomicFile(tmp_dir or path.parent, prefix=prefix, suffix=suffix, mode=mode) as out:
+    folder = tmp_dir or path.parent
+    with AtomicFile(folder, prefix=prefix, suffix=suffix, mode=mode, durable=durable) as out:
         write_all(out.file, data)
         out.commit(path)
 

@@ -115,16 +115,12 @@ class LocalCache:
         """Best effort: a cache this process cannot write just verifies on every load; a
         record torn by a crash does not parse, so it verifies again."""
         path = self._verified_path(digest)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(self._identity(st)))
-            os.replace(tmp, path)
+            record = json.dumps(self._identity(st)).encode()
+            write_atomic(path, record, suffix=".tmp", durable=False)
         except OSError:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
+            pass
 
     def touch(self, digest: Digest) -> None:
         try:
