@@ -44,3 +44,21 @@ def default_index_url(store_url: str) -> str:
         return f"sqlite:///{local_path(store_url) / INDEX_FILENAME}"
     key = hashlib.sha256(store_url.encode()).hexdigest()[:16]
     return f"sqlite:///{user_cache_dir() / 'indexes' / key / INDEX_FILENAME}"
+
+
+def env_seconds(
+    name: str, default: float, *, positive: bool = False, error: type[Exception] = ValueError
+) -> float:
+    """A duration in seconds from environment variable `name` (unset or empty: `default`).
+    Not a number, negative, or (with `positive`) zero raises `error` naming the variable."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise error(f"{name}={raw!r} is not a number of seconds") from None
+    if value < 0 or (positive and value == 0):
+        rule = "must be positive" if positive else "must not be negative"
+        raise error(f"{name}={raw!r} {rule}")
+    return value

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from artifacts.errors import DiskFull
+from artifacts.table import human_size
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 NEARLY_FULL_BYTES = 1 << 20  # SQLite's "disk I/O error" counts as a full disk below this
@@ -79,8 +80,6 @@ def mount_of(path: str | Path) -> tuple[str, str]:
 
 def describe(path: str | Path) -> str:
     """`PATH (DEVICE mounted at MOUNT: FREE free of SIZE)`."""
-    from artifacts.table import human_size  # noqa: PLC0415
-
     device, mount = mount_of(path)
     try:
         st = os.statvfs(_existing(Path(path)))

@@ -102,3 +102,19 @@ class NeffError(ArtifactError):
 
 class IndexLocked(StoreIndexError):
     """The index's write lock stayed held by another process for the whole lock timeout."""
+
+
+class S3Error(ArtifactError):
+    """An S3 request failed; the message names the bucket and key."""
+
+
+class S3BucketNotFound(S3Error, StoreConfigError):
+    """The store URL's bucket does not exist at the endpoint."""
+
+
+class S3AccessDenied(S3Error, StoreConfigError):
+    """The credentials are missing or not allowed to do this."""
+
+
+class S3Unreachable(S3Error, ConnectionError):
+    """The endpoint could not be reached, or dropped the connection, after retries."""

@@ -16,7 +16,6 @@ pointing at a missing blob.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +95,7 @@ def plan_gc(store: Store, policy: GcPolicy = GcPolicy(), now: float | None = Non
     delete_list: list[BlobInfo] = []
     kept = kept_bytes = 0
     for info in store.backend.iter_blobs():
-        if str(info.digest) in marked or _young(store, info, now - policy.min_age_s):
+        if str(info.digest) in marked or info.modified_at >= now - policy.min_age_s:
             kept += 1
             kept_bytes += info.size
         else:
@@ -196,18 +195,9 @@ def _mark(conn: Connection, policy: GcPolicy, now: float) -> _Marks:
 
 
 def _young(store: Store, info: BlobInfo, cutoff: float) -> bool:
-    """Written after `cutoff` (by file mtime, or the object's modification time on S3)."""
-    modified_at = getattr(store.backend, "modified_at", None)
-    if modified_at is not None:
-        when = modified_at(info.digest)
-        return when is not None and when >= cutoff
-    path_of = getattr(store.backend, "path_of", None)
-    if path_of is None:
-        return True  # unknown age: never sweep what might be in flight
-    try:
-        return os.stat(path_of(info.digest)).st_mtime >= cutoff
-    except FileNotFoundError:
-        return False
+    """Written after `cutoff`, asked again now: a put since the listing may have rewritten it."""
+    current = store.backend.stat(info.digest)
+    return current is not None and current.modified_at >= cutoff
 
 
 def _run_releases(summary: str) -> list[str]:
@@ -253,9 +243,7 @@ def execute_gc(store: Store, plan: GcPlan) -> GcReport:
         n, size = _delete_blobs(store, unindexed.blobs)
         deleted += n
         freed += size
-    clean = getattr(store.backend, "clean_temp", None)
-    if clean is not None:
-        clean()
+    store.backend.clean_temp()
     return GcReport(deleted, freed, manifests, swept, len(plan.delete) - deleted)
 
 

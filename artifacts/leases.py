@@ -25,6 +25,7 @@ from typing import TypeVar
 from sqlalchemy import Connection, Engine, delete, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from artifacts.config import env_seconds
 from artifacts.errors import StoreIndexError
 from artifacts.index import ops
 from artifacts.index.db import write_transaction
@@ -58,16 +59,7 @@ class LeaseInfo:
 
 def lease_ttl() -> float:
     """The lease time-to-live in seconds: $KILN_LEASE_TTL, else 60."""
-    raw = os.environ.get(TTL_ENV)
-    if not raw:
-        return DEFAULT_TTL_S
-    try:
-        ttl = float(raw)
-    except ValueError:
-        raise ValueError(f"{TTL_ENV}={raw!r} is not a number of seconds") from None
-    if ttl <= 0:
-        raise ValueError(f"{TTL_ENV}={raw!r} must be positive")
-    return ttl
+    return env_seconds(TTL_ENV, DEFAULT_TTL_S, positive=True)
 
 
 def new_owner() -> str:

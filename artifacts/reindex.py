@@ -25,6 +25,7 @@ from artifacts.errors import (
     ReindexRefused,
     StoreIndexError,
 )
+from artifacts.fsio import replace_durably
 from artifacts.index import ops, queries
 from artifacts.index.db import (
     ensure_schema,
@@ -181,7 +182,7 @@ def _rebuild_beside(
         raise
     engine.dispose()
     _remove_sqlite(path, keep_main=True)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
     _remove_sqlite(tmp)
     return report
 

@@ -14,14 +14,12 @@ all their blobs are in, with tags moved last of all.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
 import re
 import stat
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from typing import IO, Any
 
 from artifacts.backends.base import PutResult
 from artifacts.digest import ALGORITHM, Digest, canonical_json
+from artifacts.diskspace import is_disk_full
 from artifacts.errors import (
     ArchiveError,
     BlobCorrupted,
@@ -39,6 +38,7 @@ from artifacts.errors import (
     ReferenceNotFound,
     SizeMismatch,
 )
+from artifacts.fsio import AtomicFile, read_full, write_all
 from artifacts.manifest import RELEASE_MEDIA_TYPE, Release
 from artifacts.records import SNIFF_LIMIT
 from artifacts.refs import TagName, parse_tag_name
@@ -58,7 +58,6 @@ _BLOB_MEMBER = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 DOCUMENT_LIMIT = 1024 * 1024
 MANIFEST_LIMIT = SNIFF_LIMIT
 COPY_BUFSIZE = 1024 * 1024
-TEMP_SUFFIX = ".incomplete"
 STREAM_NAME = Path("-")
 
 
@@ -231,15 +230,9 @@ class _FullReads:
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             return self._stream.read()
-        parts: list[bytes] = []
-        remaining = size
-        while remaining > 0:
-            chunk = self._stream.read(remaining)
-            if not chunk:
-                break
-            parts.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(parts)
+        buffer = bytearray(size)
+        del buffer[read_full(self._stream, memoryview(buffer)) :]
+        return buffer
 
 
 class _Output:
@@ -253,11 +246,8 @@ class _Output:
         self.written = 0
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data).cast("B")
         try:
-            while view:
-                n = self._stream.write(view)  # unbuffered: a short write is possible
-                view = view[n or 0 :]
+            write_all(self._stream, data)
         except OSError as exc:
             raise _write_error(self.path, exc, self.in_place) from None
         self.written += len(data)
@@ -282,7 +272,7 @@ class _Output:
 
 def _write_error(path: Path, exc: OSError, in_place: bool) -> ArchiveError:
     outcome = "what was written is incomplete" if in_place else "nothing was written"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return ArchiveError(f"cannot write archive {path}: no space left on device; {outcome}")
     return ArchiveError(f"cannot write archive {path}: {exc.strerror or exc}; {outcome}")
 
@@ -342,32 +332,15 @@ def _atomic_file(path: Path, shown: Path | None = None) -> Iterator[_Output]:
 
     `shown` is the name the user gave (a link to `path`), used in messages."""
     shown = shown or path
-    try:
-        fd, tmp_name = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX
-        )
-    except OSError as exc:
-        raise ArchiveError(f"cannot write archive {shown}: {exc.strerror}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as stream:
-            out = _Output(stream, shown, in_place=False)
-            yield out
-            out.fsync()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with AtomicFile(
+        path.parent,
+        prefix=f".{path.name}.",
+        on_error=lambda exc: ArchiveError(f"cannot write archive {shown}: {exc.strerror}"),
+    ) as tmp:
+        out = _Output(tmp.file, shown, in_place=False)
+        yield out
+        out.fsync()
+        tmp.commit(path)
 
 
 # -- import ------------------------------------------------------------------------------------

@@ -25,9 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -36,6 +34,7 @@ from typing import Any, Protocol
 
 from artifacts.digest import Digest
 from artifacts.errors import InvalidReference, ReferenceNotFound
+from artifacts.fsio import write_atomic
 from artifacts.neff import NeffError, NeffHeader
 from artifacts.records import CompilationRecord, RunStatus
 from artifacts.redact import redact_url
@@ -645,19 +644,6 @@ def _export_items(store: Store, ref: str) -> tuple[list[_ExportItem], list[str]]
     return items, skipped
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_neuron_cache(store: Store, ref: str, path: str | Path) -> ExportReport:
     """Write REF's NEFF compilations under `path` in the Neuron cache layout (model.done
     last, so a reader never sees a half-written entry as done)."""
@@ -686,10 +672,10 @@ def export_neuron_cache(store: Store, ref: str, path: str | Path) -> ExportRepor
         folder.mkdir(parents=True, exist_ok=True)
         done.unlink(missing_ok=True)
         flags = item.flags_text.encode()
-        _write_atomic(folder / item.hlo_file, hlo)
-        _write_atomic(folder / FLAGS_FILE, flags)
-        _write_atomic(folder / NEFF_FILE, neff)
-        _write_atomic(done, b"")
+        write_atomic(folder / item.hlo_file, hlo)
+        write_atomic(folder / FLAGS_FILE, flags)
+        write_atomic(folder / NEFF_FILE, neff)
+        write_atomic(done, b"")
         size = len(hlo) + len(flags) + len(neff)
         written.append(ExportedEntry(item.folder, item.hlo_key, "written", size))
     return ExportReport(ref, str(root), tuple(written), tuple(skipped))

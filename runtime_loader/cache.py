@@ -7,7 +7,6 @@ A blob's mtime is touched when a model uses it, so pruning removes least recentl
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import mmap
@@ -19,7 +18,9 @@ from pathlib import Path
 from artifacts.backends.local import LocalBlobBackend
 from artifacts.config import CACHE_ENV, user_cache_dir
 from artifacts.digest import Digest
+from artifacts.diskspace import is_disk_full
 from artifacts.errors import BlobCorrupted, BlobNotFound, InvalidReference, SizeMismatch
+from artifacts.fsio import write_atomic
 from artifacts.refs import DEFAULT_TAG, parse_tag_name
 from runtime_loader.errors import CacheFull, LoaderError
 
@@ -114,16 +115,12 @@ class LocalCache:
         """Best effort: a cache this process cannot write just verifies on every load; a
         record torn by a crash does not parse, so it verifies again."""
         path = self._verified_path(digest)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(self._identity(st)))
-            os.replace(tmp, path)
+            record = json.dumps(self._identity(st)).encode()
+            write_atomic(path, record, suffix=".tmp", durable=False)
         except OSError:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
+            pass
 
     def touch(self, digest: Digest) -> None:
         try:
@@ -140,17 +137,12 @@ class LocalCache:
         write (a read-only mount, a shared cache owned by another user) still serves loads:
         the ref is then not recorded, with one warning per cache, and False is returned."""
         path = self._ref_path(ref)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        record = json.dumps({"digest": str(digest), "store": store, "at": time.time()})
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"digest": str(digest), "store": store, "at": time.time()}))
-            os.replace(tmp, path)
+            write_atomic(path, record.encode(), suffix=".tmp")
         except OSError as exc:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            if exc.errno == errno.ENOSPC:
+            if is_disk_full(exc):
                 raise CacheFull(
                     f"the cache {self.root} ran out of space recording {ref} -> {digest}:"
                     " make room (kiln cache prune --max-size SIZE) or use a larger disk"
@@ -183,14 +175,10 @@ class LocalCache:
         return path
 
     def blobs(self) -> list[CachedBlob]:
-        out = []
-        for info in self.backend.iter_blobs():
-            try:
-                mtime = self.backend.path_of(info.digest).stat().st_mtime
-            except FileNotFoundError:
-                continue
-            out.append(CachedBlob(str(info.digest), info.size, mtime))
-        return out
+        return [
+            CachedBlob(str(info.digest), info.size, info.modified_at)
+            for info in self.backend.iter_blobs()
+        ]
 
     def prune(self, max_bytes: int, dry_run: bool = False) -> list[CachedBlob]:
         """Delete least recently used blobs until the cache holds at most `max_bytes`."""

@@ -3,7 +3,6 @@ atomic per blob, resumable (finished blobs are never fetched again)."""
 
 from __future__ import annotations
 
-import errno
 import shutil
 import time
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from artifacts.digest import Digest
+from artifacts.diskspace import is_disk_full
 from artifacts.errors import BlobCorrupted, SizeMismatch
 from artifacts.manifest import Release
 from artifacts.table import human_size
@@ -34,18 +34,6 @@ class PullReport:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC (or a quota's EDQUOT), raised directly or as the cause of another error."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def cache_full(cache: LocalCache, what: str, size: int | None) -> CacheFull:

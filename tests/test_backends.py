@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from artifacts.backends import open_backend
+from artifacts.backends import BlobBackend, open_backend
 from artifacts.backends.local import LocalBlobBackend
 from artifacts.digest import Digest
 from artifacts.errors import BlobCorrupted, BlobNotFound, StoreConfigError
@@ -57,6 +60,69 @@ def test_empty_blob(backend) -> None:  # type: ignore[no-untyped-def]
     result = backend.put(io.BytesIO(b""))
     with backend.open(result.digest) as reader:
         assert reader.read_all() == b""
+
+
+def test_listing_gives_size_and_modification_time(backend) -> None:  # type: ignore[no-untyped-def]
+    before = time.time()
+    small = backend.put(io.BytesIO(b"first")).digest
+    large = backend.put(io.BytesIO(os.urandom(1000))).digest
+    after = time.time()
+    listed = {info.digest: info for info in backend.iter_blobs()}
+    assert sorted(listed) == sorted([small, large])
+    assert (listed[small].size, listed[large].size) == (5, 1000)
+    for digest, info in listed.items():
+        # S3 keeps whole seconds in a HEAD's Last-Modified: allow one either side.
+        assert before - 1 <= info.modified_at <= after + 1
+        stat = backend.stat(digest)
+        assert stat.size == info.size and abs(stat.modified_at - info.modified_at) <= 1
+
+
+# A writer killed mid-put: its stream ends the process once it has handed over 7 MiB. With
+# 5 MiB parts above 6 MiB, an S3 put is by then a multipart upload to a temp key.
+_KILLED_WRITER = """
+import io, os, sys
+from artifacts.backends import open_backend
+from artifacts.backends.s3 import S3BlobBackend
+
+url = sys.argv[1]
+MiB = 1 << 20
+if url.startswith("s3://"):
+    backend = S3BlobBackend.from_url(url, multipart_threshold=6 * MiB, part_size=5 * MiB)
+else:
+    backend = open_backend(url)
+
+class DiesMidway(io.RawIOBase):
+    left = 7 * MiB
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if not self.left:
+            os._exit(3)
+        n = min(len(buffer), self.left)
+        buffer[:n] = b"k" * n
+        self.left -= n
+        return n
+
+backend.put(DiesMidway())
+"""
+
+
+def test_clean_temp_removes_what_a_killed_writer_left(backend) -> None:  # type: ignore[no-untyped-def]
+    assert isinstance(backend, BlobBackend)
+    assert backend.clean_temp(older_than_seconds=-60) == 0
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, backend.url],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert killed.returncode == 3, killed.stderr
+    assert list(backend.iter_blobs()) == []  # the temp is never listed as a blob
+    assert backend.clean_temp() == 0  # young: it could be a put still in flight
+    assert backend.clean_temp(older_than_seconds=-60) == 1
+    assert backend.clean_temp(older_than_seconds=-60) == 0
+    stored = backend.put(io.BytesIO(b"after the cleanup"))
+    assert [b.digest for b in backend.iter_blobs()] == [stored.digest]
 
 
 def test_local_layout_is_sharded_and_read_only(tmp_path: Path) -> None:

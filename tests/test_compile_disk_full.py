@@ -4,13 +4,16 @@ finishes. A real store on a real, small tmpfs (mounted here: this needs root).""
 
 from __future__ import annotations
 
+import errno
 import json
-import subprocess
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from artifacts.diskspace import DiskFull, disk_full_error, is_disk_full
+from tests.disk_helpers import small_tmpfs
 from tests.pipeline_helpers import kiln, micro_model, runs, write_spec
 
 TMPFS_SIZE = 8 << 20
@@ -19,18 +22,8 @@ ROOM_LEFT = 600 << 10  # enough to start the run, too little for the micro model
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mount)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs (needs root): {made.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", TMPFS_SIZE) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.slow  # two real compiles: about 30 s on an idle 2-core machine
@@ -61,11 +54,6 @@ def test_disk_full_is_one_line_naming_the_device_and_the_run_is_interrupted(
 
 
 def test_what_counts_as_a_full_disk(tmp_path: Path) -> None:
-    import errno
-    import sqlite3
-
-    from artifacts.diskspace import DiskFull, disk_full_error, is_disk_full
-
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
     assert is_disk_full(sqlite3.OperationalError("database or disk is full"))

@@ -6,8 +6,6 @@ to mount: without it the test is skipped, saying so."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import runtime_loader
 from runtime_loader.api import resolve_and_pull
 from runtime_loader.cache import LocalCache
 from runtime_loader.errors import CacheFull
+from tests.disk_helpers import resize_tmpfs, small_tmpfs
 from tests.loader_helpers import (
     LLAMA_REF,
     cached_digests,
@@ -34,29 +33,11 @@ def llama_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compiled_store("tiny-llama", tmp_path_factory)
 
 
-def _mount(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, unmounted afterwards; `remount_larger` gives it 8 MiB."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill up needs root")
-    proc = _mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder))
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    """A 1 MiB tmpfs, unmounted afterwards."""
+    with small_tmpfs(tmp_path / "disk", 1 << 20) as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def remount_larger(folder: Path) -> None:
-    proc = _mount("-o", "remount,size=8m", str(folder))
-    assert proc.returncode == 0, proc.stderr
 
 
 def leftovers(cache: Path) -> list[str]:
@@ -82,7 +63,7 @@ def test_pull_into_a_full_disk_is_one_line_and_resumes(llama_store: Path, small_
     assert failed not in kept and str(digest) in kept
     assert verify_cache(cache) == len(kept)  # what is there is whole
 
-    remount_larger(small_disk)
+    resize_tmpfs(small_disk, 8 << 20)
     report = json.loads(
         kiln_ok("pull", LLAMA_REF, "--store", llama_store, "--cache-dir", cache, "--json").stdout
     )

@@ -21,16 +21,18 @@ import pytest
 
 from artifacts.backends import open_backend
 from artifacts.backends.local import LocalBlobBackend
-from artifacts.backends.s3 import (  # noqa: E402
+from artifacts.backends.s3 import S3BlobBackend, parse_s3_url  # noqa: E402
+from artifacts.digest import Digest
+from artifacts.errors import (
+    ArtifactError,
+    BlobCorrupted,
     S3AccessDenied,
-    S3BlobBackend,
     S3BucketNotFound,
     S3Error,
     S3Unreachable,
-    parse_s3_url,
+    StoreConfigError,
 )
-from artifacts.digest import Digest
-from artifacts.errors import ArtifactError, BlobCorrupted, StoreConfigError
+from artifacts.gc import GcPolicy, execute_gc, plan_gc
 from artifacts.store import Store
 from tests.conftest import build_release
 from tests.s3_server import BUCKET, S3Fixture, SeaweedServer, aws_environment, require_s3_tools
@@ -357,6 +359,28 @@ def test_store_round_trip_release_tag_and_kiln_verify(s3_server: S3Fixture, tmp_
     assert bad.returncode == 1 and f"BAD {victim}" in bad.stdout
 
 
+def test_gc_on_s3_takes_ages_from_the_listing(s3_server: S3Fixture, tmp_path: Path) -> None:
+    """The plan reads each blob's age from the listing (no HEAD per blob); the sweep deletes
+    an untagged release and leaves no temp object behind."""
+    url = s3_server.new_url()
+    with Store.open(url, f"sqlite:///{tmp_path / 'index.db'}") as store:
+        kept = build_release(store, name="kept")
+        kept_digest = store.put_release(kept)
+        store.tag(str(kept_digest), "kept:prod")
+        dropped = store.put_release(build_release(store, name="dropped", weights=b"other"))
+        heads = count_requests(store.backend, "HeadObject")  # type: ignore[arg-type]
+        plan = plan_gc(store, GcPolicy(min_age_s=-60.0))
+        assert heads == []
+        doomed = {b.digest for b in plan.delete}
+        assert dropped in doomed
+        assert not doomed & {ref.digest for _, ref in kept.blob_refs()}
+        report = execute_gc(store, plan)
+        assert report.blobs_deleted == len(doomed)
+        assert {b.digest for b in store.backend.iter_blobs()}.isdisjoint(doomed)
+        assert store.resolve("kept:prod").digest == kept_digest
+        assert store.load_release(kept_digest) == kept
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -416,8 +440,8 @@ def test_clean_temp_removes_abandoned_uploads(s3_server: S3Fixture) -> None:
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/tmp/abandoned", Body=b"half")
     client.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/tmp/killed")
     kept = backend.put(io.BytesIO(b"keep me")).digest
-    assert abs(backend.modified_at(kept) - time.time()) < 120  # type: ignore[operator]
-    assert backend.modified_at(Digest.of_bytes(b"absent")) is None
+    assert abs(backend.stat(kept).modified_at - time.time()) < 120  # type: ignore[union-attr]
+    assert backend.stat(Digest.of_bytes(b"absent")) is None
     assert backend.clean_temp(older_than_seconds=3600) == 0
     assert backend.clean_temp(older_than_seconds=-60) == 2
     assert keys(client, f"{prefix}/tmp/") == [] and open_uploads(client, prefix) == []

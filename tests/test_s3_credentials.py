@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from artifacts.backends.s3 import S3AccessDenied
+from artifacts.errors import S3AccessDenied
 from artifacts.store import Store
 from artifacts.transfer import export_release
 from pipeline.neuron_cache import S3CacheSource, import_neuron_cache

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from artifacts.config import resolve_index_url
+from artifacts.errors import S3AccessDenied
 from artifacts.store import Store
 from runtime_loader.api import load
 from tests.loader_helpers import LLAMA_REF, SPECS, kiln_env, kiln_ok
@@ -199,8 +200,6 @@ def test_read_only_credentials_and_s3_errors_name_what_is_missing(
     line = kiln_line(unreachable, "--store", deploy.url, "ls")
     assert f"cannot reach the S3 endpoint http://127.0.0.1:{port}" in line
     # The read-only identity cannot write: a write fails naming the denial, nothing is stored.
-    from artifacts.backends.s3 import S3AccessDenied  # noqa: PLC0415
-
     with aws_environment(reader), Store.open(
         deploy.url, f"sqlite:///{deploy.root / 'reader-index.db'}"
     ) as b:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from artifacts.backends.base import BlobBackend, BlobInfo, PutResult, VerifyingReader
+from artifacts.backends.local import LocalBlobBackend
 from artifacts.errors import StoreConfigError
 from artifacts.redact import redact_url
 
@@ -35,8 +36,6 @@ def open_backend(url: str, create: bool = True) -> BlobBackend:
 
 
 def _local(path: str, create: bool) -> BlobBackend:
-    from artifacts.backends.local import LocalBlobBackend  # noqa: PLC0415
-
     if not path:
         raise StoreConfigError("store URL 'file://' has no path: use file:///PATH or a path")
     root = Path(path).expanduser()

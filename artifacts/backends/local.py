@@ -2,44 +2,38 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from artifacts.backends.base import BlobInfo, PutResult, VerifyingReader
-from artifacts.digest import ALGORITHM, CHUNK_SIZE, Digest, Hasher
-from artifacts.errors import (
-    BlobCorrupted,
-    BlobNotFound,
-    InvalidDigest,
-    NoSpace,
-    StoreConfigError,
+from artifacts.backends.base import (
+    BLOB_DIR,
+    REFS_DIR,
+    TEMP_AGE_S,
+    TEMP_DIR,
+    BlobBackend,
+    BlobInfo,
+    PutResult,
+    VerifyingReader,
+    blob_key,
+    digest_at,
 )
-
-TEMP_SUFFIX = ".incomplete"
-REFS_DIR = "refs"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from artifacts.digest import CHUNK_SIZE, Digest, Hasher
+from artifacts.diskspace import is_disk_full
+from artifacts.errors import BlobCorrupted, BlobNotFound, NoSpace, StoreConfigError
+from artifacts.fsio import TEMP_SUFFIX, AtomicFile, fsync_dir, iter_chunks, write_all, write_atomic
 
 
-class LocalBlobBackend:
+class LocalBlobBackend(BlobBackend):
     """Blobs as files. Writes go to `tmp/` in the same filesystem, are fsynced and renamed."""
 
     def __init__(self, root: Path | str, create: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
-        self.blob_root = self.root / "blobs" / ALGORITHM
-        self.tmp_root = self.root / "tmp"
+        self.blob_root = self.root / BLOB_DIR
+        self.tmp_root = self.root / TEMP_DIR
         self.ref_root = self.root / REFS_DIR
         if create:
             try:
@@ -55,7 +49,7 @@ class LocalBlobBackend:
             raise StoreConfigError(f"store folder {self.root} is not readable")
 
     def path_of(self, digest: Digest) -> Path:
-        return self.blob_root / digest.hex[:2] / digest.hex[2:]
+        return self.root / blob_key(digest)
 
     def location(self, digest: Digest) -> str:
         return str(self.path_of(digest))
@@ -65,9 +59,10 @@ class LocalBlobBackend:
 
     def stat(self, digest: Digest) -> BlobInfo | None:
         try:
-            return BlobInfo(digest, self.path_of(digest).stat().st_size)
+            st = self.path_of(digest).stat()
         except FileNotFoundError:
             return None
+        return BlobInfo(digest, st.st_size, st.st_mtime)
 
     def open(self, digest: Digest) -> IO[bytes]:
         path = self.path_of(digest)
@@ -86,7 +81,7 @@ class LocalBlobBackend:
         try:
             return self._put(stream, expected)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_disk_full(exc):
                 raise
             raise NoSpace(
                 f"cannot write to {self.root}: no space left on device; the blob being"
@@ -98,29 +93,12 @@ class LocalBlobBackend:
         trusted = expected is not None and getattr(stream, "verifies", None) == expected
         hasher = Hasher()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_root, suffix=TEMP_SUFFIX)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb", buffering=0) as out:
-                buffer = bytearray(CHUNK_SIZE)
-                view = memoryview(buffer)
-                readinto = getattr(stream, "readinto", None)
-                while True:
-                    if readinto is not None:
-                        n = readinto(view)
-                        if not n:
-                            break
-                        chunk = view[:n]
-                    else:
-                        data = stream.read(CHUNK_SIZE)
-                        if not data:
-                            break
-                        chunk = memoryview(data)
-                    if not trusted:
-                        hasher.update(chunk)
-                    size += len(chunk)
-                    _write_all(out, chunk)
-                os.fsync(out.fileno())
+        with AtomicFile(self.tmp_root, mode=0o444) as tmp:
+            for chunk in iter_chunks(stream, CHUNK_SIZE):
+                if not trusted:
+                    hasher.update(chunk)
+                size += len(chunk)
+                write_all(tmp.file, chunk)
             digest = expected if trusted and expected is not None else hasher.digest()
             if expected is not None and digest != expected:
                 raise BlobCorrupted(expected, digest, "<upload stream>")
@@ -130,14 +108,9 @@ class LocalBlobBackend:
             # corrupted copy, and an atomic replace by identical bytes is harmless.
             if not final.parent.is_dir():
                 final.parent.mkdir(exist_ok=True)
-                _fsync_dir(final.parent.parent)
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-            return PutResult(digest, size, created)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+                fsync_dir(final.parent.parent)
+            tmp.commit(final)
+        return PutResult(digest, size, created)
 
     def delete(self, digest: Digest) -> bool:
         try:
@@ -155,13 +128,16 @@ class LocalBlobBackend:
                     continue
                 with os.scandir(shard.path) as entries:
                     for entry in sorted(entries, key=lambda e: e.name):
-                        try:
-                            digest = Digest.parse(f"{ALGORITHM}:{shard.name}{entry.name}")
-                        except InvalidDigest:
+                        digest = digest_at(shard.name, entry.name)
+                        if digest is None:
                             continue
-                        yield BlobInfo(digest, entry.stat().st_size)
+                        try:
+                            st = entry.stat()
+                        except FileNotFoundError:
+                            continue  # deleted since the folder was read
+                        yield BlobInfo(digest, st.st_size, st.st_mtime)
 
-    def clean_temp(self, older_than_seconds: float = 3600.0) -> int:
+    def clean_temp(self, older_than_seconds: float = TEMP_AGE_S) -> int:
         """Remove abandoned temp files (from killed writers); returns how many."""
         removed = 0
         cutoff = time.time() - older_than_seconds
@@ -188,18 +164,7 @@ class LocalBlobBackend:
         final = self.ref_root / key
         final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_root.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_root, suffix=TEMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, final)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(final.parent)
+        write_atomic(final, data, tmp_dir=self.tmp_root)
 
     def delete_ref(self, key: str) -> bool:
         try:
@@ -221,11 +186,3 @@ class LocalBlobBackend:
                 key = str(Path(folder, file).relative_to(self.ref_root))
                 if key.startswith(prefix):
                     yield key
-
-def _write_all(out: IO[bytes], chunk: memoryview) -> None:
-    """An unbuffered write may be short (a disk that is nearly full takes what fits and
-    says so only in the count): write the rest, so that a full disk raises ENOSPC instead of
-    leaving a blob whose bytes are not the ones hashed."""
-    while chunk:
-        written = out.write(chunk)
-        chunk = chunk[written:]

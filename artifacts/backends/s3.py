@@ -59,16 +59,30 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from artifacts.backends.base import BlobInfo, PutResult, VerifyingReader
-from artifacts.digest import ALGORITHM, CHUNK_SIZE, Digest, Hasher
+from artifacts.backends.base import (
+    BLOB_DIR,
+    REFS_DIR,
+    TEMP_AGE_S,
+    TEMP_DIR,
+    BlobBackend,
+    BlobInfo,
+    PutResult,
+    VerifyingReader,
+    blob_key,
+    digest_at,
+)
+from artifacts.digest import CHUNK_SIZE, Digest, Hasher
 from artifacts.errors import (
-    ArtifactError,
     BlobCorrupted,
     BlobNotFound,
-    InvalidDigest,
+    S3AccessDenied,
+    S3BucketNotFound,
+    S3Error,
+    S3Unreachable,
     SizeMismatch,
     StoreConfigError,
 )
+from artifacts.fsio import read_all, read_full
 from artifacts.redact import redact_url
 
 MiB = 1024 * 1024
@@ -82,8 +96,6 @@ COPY_PART_SIZE = 512 * MiB
 MAX_PARTS = 10_000
 _PART_SIZE_DOUBLING = 1_000  # unknown-length streams: double the part size every 1000 parts
 _STREAM_ATTEMPTS = 3  # re-requests of a range whose body broke off mid-transfer
-TEMP_DIR = "tmp"
-REFS_DIR = "refs"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _DENIED = frozenset(
     {
@@ -108,22 +120,6 @@ _NETWORK_ERRORS = (
 CREDENTIALS_ERRORS = (NoCredentialsError, PartialCredentialsError)
 
 T = TypeVar("T")
-
-
-class S3Error(ArtifactError):
-    """An S3 request failed; the message names the bucket and key."""
-
-
-class S3BucketNotFound(S3Error, StoreConfigError):
-    """The store URL's bucket does not exist at the endpoint."""
-
-
-class S3AccessDenied(S3Error, StoreConfigError):
-    """The credentials are missing or not allowed to do this."""
-
-
-class S3Unreachable(S3Error, ConnectionError):
-    """The endpoint could not be reached, or dropped the connection, after retries."""
 
 
 def no_credentials(url: str, exc: BaseException) -> S3AccessDenied:
@@ -158,7 +154,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-class S3BlobBackend:
+class S3BlobBackend(BlobBackend):
     """Blobs as S3 objects; see the module docstring for how writes stay atomic."""
 
     def __init__(
@@ -183,7 +179,7 @@ class S3BlobBackend:
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._root = f"{self.prefix}/" if self.prefix else ""
-        self._blob_prefix = f"{self._root}blobs/{ALGORITHM}/"
+        self._blob_prefix = f"{self._root}{BLOB_DIR}/"
         self._ref_prefix = f"{self._root}{REFS_DIR}/"
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
@@ -207,7 +203,7 @@ class S3BlobBackend:
     # -- keys --------------------------------------------------------------------------------
     def key_of(self, digest: Digest) -> str:
         """The object key of a blob: `<prefix>/blobs/sha256/ab/<rest>`."""
-        return f"{self._blob_prefix}{digest.hex[:2]}/{digest.hex[2:]}"
+        return f"{self._root}{blob_key(digest)}"
 
     def location(self, digest: Digest) -> str:
         """`s3://bucket/key` of a blob, for messages."""
@@ -222,14 +218,14 @@ class S3BlobBackend:
         return self.stat(digest) is not None
 
     def stat(self, digest: Digest) -> BlobInfo | None:
-        """The blob's size from a HEAD, or None if absent."""
-        size = self._head(self.key_of(digest))
-        return None if size is None else BlobInfo(digest, size)
-
-    def modified_at(self, digest: Digest) -> float | None:
-        """When the blob was written (epoch seconds), or None if absent: for gc's min age."""
+        """The blob's size and modification time from a HEAD, or None if absent."""
         response = self._head_response(self.key_of(digest))
-        return None if response is None else float(response["LastModified"].timestamp())
+        if response is None:
+            self._check_bucket()
+            return None
+        return BlobInfo(
+            digest, int(response["ContentLength"]), response["LastModified"].timestamp()
+        )
 
     def _head(self, key: str) -> int | None:
         response = self._head_response(key)
@@ -290,13 +286,9 @@ class S3BlobBackend:
                 return
             for item in page.get("Contents", ()):
                 shard, _, rest = item["Key"][len(self._blob_prefix) :].partition("/")
-                if len(shard) != 2 or "/" in rest:
-                    continue
-                try:
-                    digest = Digest.parse(f"{ALGORITHM}:{shard}{rest}")
-                except InvalidDigest:
-                    continue
-                yield BlobInfo(digest, int(item["Size"]))
+                digest = digest_at(shard, rest)
+                if digest is not None:
+                    yield BlobInfo(digest, int(item["Size"]), item["LastModified"].timestamp())
 
     # -- writes ------------------------------------------------------------------------------
     def put(self, stream: IO[bytes], expected: Digest | None = None) -> PutResult:
@@ -530,7 +522,7 @@ class S3BlobBackend:
         except (BotoCoreError, ClientError):
             pass  # an orphan temp object: `clean_temp` removes it later
 
-    def clean_temp(self, older_than_seconds: float = 3600.0) -> int:
+    def clean_temp(self, older_than_seconds: float = TEMP_AGE_S) -> int:
         """Delete temp objects and abort multipart uploads older than this; returns how many."""
         cutoff = time.time() - older_than_seconds
         removed = 0
@@ -960,10 +952,7 @@ class _ParallelReader(io.RawIOBase):
 
     def read_all(self) -> bytes:
         """Read everything (verified)."""
-        parts = []
-        while chunk := self.read(CHUNK_SIZE):
-            parts.append(chunk)
-        return b"".join(parts)
+        return read_all(self, CHUNK_SIZE)
 
     def close(self) -> None:
         if not self.closed:
@@ -1032,27 +1021,10 @@ def _prehash(stream: IO[bytes]) -> Digest:
     here = stream.tell()
     hasher = Hasher()
     buffer = memoryview(bytearray(8 * MiB))
-    while n := _read_full(stream, buffer):
+    while n := read_full(stream, buffer):
         hasher.update(buffer[:n])
     stream.seek(here)
     return hasher.digest()
-
-
-def _read_full(stream: IO[bytes], view: memoryview) -> int:
-    """Fill `view` from the stream unless it ends first; returns the bytes read."""
-    readinto = getattr(stream, "readinto", None)
-    filled = 0
-    while filled < len(view):
-        if readinto is not None:
-            n = readinto(view[filled:])
-        else:
-            data = stream.read(len(view) - filled)
-            n = len(data)
-            view[filled : filled + n] = data
-        if not n:
-            break
-        filled += n
-    return filled
 
 
 def _read_upto(stream: IO[bytes], limit: int) -> bytes:
@@ -1086,7 +1058,7 @@ class _Prefixed(io.RawIOBase):
             view[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        return _read_full(self._rest, view) if len(view) else 0
+        return read_full(self._rest, view) if len(view) else 0
 
 
 def _chunks(stream: IO[bytes], hasher: Hasher, part_size: int) -> Iterator[bytes | bytearray]:
@@ -1096,7 +1068,7 @@ def _chunks(stream: IO[bytes], hasher: Hasher, part_size: int) -> Iterator[bytes
         if number and number % _PART_SIZE_DOUBLING == 0:
             part_size *= 2
         buffer = bytearray(part_size)
-        n = _read_full(stream, memoryview(buffer))
+        n = read_full(stream, memoryview(buffer))
         if not n:
             return
         if n < part_size:

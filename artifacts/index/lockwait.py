@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from artifacts.config import env_seconds
 from artifacts.errors import IndexLocked, StoreIndexError
 
 TIMEOUT_ENV = "KILN_INDEX_LOCK_TIMEOUT"
@@ -36,16 +37,7 @@ class LockHolder:
 
 def lock_timeout() -> float:
     """Seconds to wait for the index write lock: $KILN_INDEX_LOCK_TIMEOUT, else 120."""
-    raw = os.environ.get(TIMEOUT_ENV)
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise StoreIndexError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise StoreIndexError(f"{TIMEOUT_ENV}={raw!r} must not be negative")
-    return value
+    return env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, error=StoreIndexError)
 
 
 def write_lock_holder(db_path: Path) -> LockHolder | None:
