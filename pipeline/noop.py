@@ -31,6 +31,7 @@ from typing import Any
 from artifacts.backends import open_backend
 from artifacts.config import resolve_index_url, resolve_store_url, user_cache_dir
 from artifacts.digest import Digest, canonical_json
+from artifacts.fsio import write_atomic
 from artifacts.tagrefs import read_tag_ref
 
 NOOP_DIR_ENV = "KILN_NOOP_DIR"
@@ -206,18 +207,14 @@ def load_record(key: str) -> NoopRecord | None:
 
 
 def save_record(record: NoopRecord) -> None:
-    """Best effort, atomic: a host that cannot write its cache just never takes the shortcut."""
+    """Best effort, atomic: a host that cannot write its cache just never takes the shortcut
+    (a hint, so not fsynced: a record lost in a crash only costs one full run)."""
     path = _path(record.key)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(record.to_bytes())
-        os.replace(tmp, path)
+        write_atomic(path, record.to_bytes(), suffix=".tmp", durable=False)
     except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        pass
 
 
 def forget(key: str) -> None:

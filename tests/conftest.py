@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from tests.pg_server import pg_server, pg_url  # noqa: F401 - the session's Post
 from tests.s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
+# No-op records of `kiln compile` (pipeline/noop.py) stay with this session, not in ~/.cache.
+os.environ.setdefault("KILN_NOOP_DIR", tempfile.mkdtemp(prefix="kiln-noop-"))
 
 
 @pytest.fixture

@@ -16,16 +16,7 @@ import kiln
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("artifacts", "pipeline", "runtime_loader", "kiln")
 KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset()  # none left
-# Files whose function-local stdlib imports other branches of issue 12 remove.
-LOCAL_STDLIB_PENDING = frozenset(
-    {
-        "artifacts/cli.py",
-        "artifacts/gc.py",
-        "artifacts/reindex.py",
-        "artifacts/store.py",
-        "artifacts/transfer.py",
-    }
-)
+LOCAL_STDLIB_PENDING: frozenset[str] = frozenset()  # none left
 
 
 @dataclass(frozen=True)
