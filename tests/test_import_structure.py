@@ -175,3 +175,16 @@ def test_no_package_imports_the_root_cli_package() -> None:
     ]
     assert upward == []
     assert importlib.metadata.version("kiln") == kiln.__version__
+
+
+def test_packages_import_only_downward() -> None:
+    """pipeline -> artifacts <- runtime_loader: the store imports neither side, and the
+    deploy side never imports the build side (deferred imports included)."""
+    forbidden = {"artifacts": ("pipeline", "runtime_loader"), "runtime_loader": ("pipeline",)}
+    wrong = [
+        f"{module} -> {edge.target}"
+        for module, edges in import_graph().items()
+        for edge in edges
+        if edge.target.split(".")[0] in forbidden.get(module.split(".")[0], ())
+    ]
+    assert wrong == []
