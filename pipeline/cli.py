@@ -181,8 +181,10 @@ def compile_command(
     spec = load_spec(spec_path)
     budget = budget if budget is not None else spec.max_memory
     shortcut = None
-    if part is None and not no_publish and not recheck:
-        shortcut = check_shortcut(spec, backend, _flags(flags), tag, store_url, index_url)
+    if part is None and not no_publish:  # a --recheck run still leaves a record
+        shortcut = check_shortcut(
+            spec, backend, _flags(flags), tag, store_url, index_url, look=not recheck
+        )
         if shortcut.record is not None:
             _print_noop(shortcut.record, time.monotonic() - started, as_json)
             return

@@ -306,9 +306,10 @@ def check_shortcut(
     tag: str | None,
     store_flag: str | None,
     index_flag: str | None,
+    look: bool = True,
 ) -> Shortcut:
-    """Plan `spec` (a pipeline.spec.Spec) and look for its no-op record; store and index
-    resolve as Store.open resolves them."""
+    """Plan `spec` (a pipeline.spec.Spec) and, when `look`, find its no-op record; store and
+    index resolve as Store.open resolves them."""
     from pipeline.planning import plan_jobs  # noqa: PLC0415 - the build side, not for kiln --help
 
     store_url = resolve_store_url(store_flag)
@@ -323,6 +324,8 @@ def check_shortcut(
         version=_kiln_version(),
         models=model_keys(plans),
     )
+    if not look:
+        return Shortcut(key, plans, None)
     try:
         store_backend = open_backend(store_url, create=False)
     except Exception:  # noqa: BLE001 - no store yet, or unreachable: the full path says which
