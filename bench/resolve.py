@@ -40,8 +40,8 @@ from artifacts.digest import Digest  # noqa: E402
 from artifacts.index.models import TagRow  # noqa: E402
 from artifacts.store import Store  # noqa: E402
 from artifacts.table import render_table  # noqa: E402
-from tests.s3_server import BUCKET, SeaweedServer, aws_environment  # noqa: E402
-from tests.store_helpers import make_release  # noqa: E402
+from tests.helpers.store_helpers import make_release  # noqa: E402
+from tests.servers.s3_server import BUCKET, SeaweedServer, aws_environment  # noqa: E402
 
 REF = "m:prod"
 

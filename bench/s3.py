@@ -42,14 +42,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.s3_server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.servers.s3_server
 
 from artifacts.backends.local import LocalBlobBackend  # noqa: E402
 from artifacts.backends.s3 import DEFAULT_PART_SIZE, DEFAULT_WORKERS, S3BlobBackend  # noqa: E402
 from artifacts.digest import Digest, Hasher  # noqa: E402
 from artifacts.table import human_size, render_table  # noqa: E402
 from bench.store import MiB, parse_size  # noqa: E402
-from tests.s3_server import BUCKET, SeaweedServer, aws_environment  # noqa: E402
+from tests.servers.s3_server import BUCKET, SeaweedServer, aws_environment  # noqa: E402
 
 COPY_BUFFER = 4 * MiB
 

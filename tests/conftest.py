@@ -13,8 +13,8 @@ import pytest
 from artifacts.digest import Digest
 from artifacts.manifest import BlobRef, CompilerInfo, Graph, Provenance, Release, Source
 from artifacts.store import Store
-from tests.pg_server import pg_server, pg_url  # noqa: F401 - the session's PostgreSQL
-from tests.s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
+from tests.servers.pg_server import pg_server, pg_url  # noqa: F401 - the session's PostgreSQL
+from tests.servers.s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 # No-op records of `kiln compile` (pipeline/noop.py) stay with this session, not in ~/.cache.
