@@ -322,9 +322,8 @@ def submit(
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     aws = bin_dir / "aws"
-    aws.write_text(
-        f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "servers" / "aws_capture.py"}" "$@"\n'
-    )
+    capture = REPO / "tests" / "servers" / "aws_capture.py"
+    aws.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{capture}" "$@"\n')
     aws.chmod(0o755)
     capture = tmp_path / "calls.jsonl"
     capture.unlink(missing_ok=True)
