@@ -22,27 +22,20 @@ from artifacts.records import TagEvent
 from artifacts.store import Store
 from artifacts.tagrefs import read_tag_ref
 from tests.conftest import build_release
+from tests.helpers.cli_helpers import kiln_here
 from tests.helpers.store_helpers import TAG, kiln, worker_command
 from tests.servers.s3_server import free_ports
 
 
 def run_kiln(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
              *args: str | Path) -> tuple[int, str, str]:
-    """`kiln ARGS` in this process (the real entry point: errors become one line), for speed;
-    the root options' environment variables are restored afterwards."""
-    from kiln.cli import main  # noqa: PLC0415
-
+    """`kiln ARGS` in this process (tests.helpers.cli_helpers.kiln_here), with the root
+    options' environment variables unset for the call and restored afterwards."""
     for name in ("KILN_STORE", "KILN_INDEX_URL"):
         monkeypatch.setenv(name, "unset")
         monkeypatch.delenv(name)
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    result = kiln_here(capsys, *args)
+    return result.code, result.stdout, result.stderr
 
 
 def _drop_index(store_dir: Path) -> None:

@@ -131,10 +131,7 @@ def test_loading_and_uploading_weights_holds_them_about_once(tmp_path: Path) -> 
     assert got["peak"] - got["before"] < 1.15 * nbytes_kb, (got, nbytes_kb)
 
 
-def test_pull_hashes_each_blob_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store.open(str(tmp_path / "store"))
-    data = os.urandom(3 << 20)
-    digest = store.put_bytes(data, kind="weights").digest
+def _count_hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     hashed = [0]
     update = Hasher.update
 
@@ -143,6 +140,14 @@ def test_pull_hashes_each_blob_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         update(self, chunk)
 
     monkeypatch.setattr(Hasher, "update", counting)
+    return hashed
+
+
+def test_pull_hashes_each_blob_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store.open(str(tmp_path / "store"))
+    data = os.urandom(3 << 20)
+    digest = store.put_bytes(data, kind="weights").digest
+    hashed = _count_hashed(monkeypatch)
     cache = LocalCache(tmp_path / "cache")
     assert pull_blobs(store, cache, {digest: len(data)}) == (1, len(data))
     assert hashed[0] == len(data)
@@ -163,18 +168,6 @@ def test_pull_of_corrupted_store_blob_leaves_nothing_cached(tmp_path: Path) -> N
         pull_blobs(store, cache, {digest: len(data)})
     assert not cache.has(digest)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-
-
-def _count_hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    hashed = [0]
-    update = Hasher.update
-
-    def counting(self: Hasher, chunk: bytes) -> None:
-        hashed[0] += len(chunk)
-        update(self, chunk)
-
-    monkeypatch.setattr(Hasher, "update", counting)
-    return hashed
 
 
 def test_pulled_blob_is_not_hashed_again_by_its_first_load(
