@@ -24,7 +24,7 @@ import importlib.metadata
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,33 +53,13 @@ class NoopItem:
     def bucket(self) -> str:
         return f"b{self.batch}xs{self.seq}"
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "graph_kind": self.graph_kind,
-            "batch": self.batch,
-            "seq": self.seq,
-            "target": self.target,
-            "direct_key": self.direct_key,
-            "hlo_key": self.hlo_key,
-        }
-
     def report_json(self) -> dict[str, Any]:
         """The item as a run report lists a direct hit (pipeline.run.ItemResult.to_json)."""
-        return {
-            "model": self.model,
-            "graph_kind": self.graph_kind,
-            "bucket": self.bucket,
-            "target": self.target,
-            "status": DIRECT_HIT,
-            "hit_kind": DIRECT_HIT,
-            "direct_key": self.direct_key,
-            "hlo_key": self.hlo_key,
-            "trace_seconds": 0.0,
-            "compile_seconds": 0.0,
-            "log_digest": None,
-            "error": None,
-        }
+        hit = {"status": DIRECT_HIT, "hit_kind": DIRECT_HIT}
+        nothing_run = {"trace_seconds": 0.0, "compile_seconds": 0.0, "log_digest": None}
+        where = {"model": self.model, "graph_kind": self.graph_kind, "bucket": self.bucket}
+        keys = {"direct_key": self.direct_key, "hlo_key": self.hlo_key}
+        return {**where, "target": self.target, **hit, **keys, **nothing_run, "error": None}
 
 
 @dataclass(frozen=True)
@@ -89,15 +69,6 @@ class NoopRelease:
     model: str
     target: str
     blobs: tuple[str, ...]  # the manifest's blobs: executables, weights, side files
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ref": self.ref,
-            "digest": self.digest,
-            "model": self.model,
-            "target": self.target,
-            "blobs": list(self.blobs),
-        }
 
 
 @dataclass(frozen=True)
@@ -133,8 +104,8 @@ class NoopRecord:
                 "version": RECORD_VERSION,
                 "key": self.key,
                 "run_id": self.run_id,
-                "items": [i.to_json() for i in self.items],
-                "releases": [r.to_json() for r in self.releases],
+                "items": [asdict(i) for i in self.items],
+                "releases": [asdict(r) for r in self.releases],
             }
         )
 
@@ -173,19 +144,9 @@ def noop_key(
     version: str,
     models: Iterable[ModelKeys],
 ) -> str:
-    value = {
-        "spec": spec_digest,
-        "store": store_url,
-        "index": index_url,
-        "backend": backend,
-        "flags": None if flags is None else list(flags),
-        "tag": tag,
-        "kiln": version,
-        "models": [
-            {"name": m.name, "weights_key": m.weights_key, "direct_keys": list(m.direct_keys)}
-            for m in models
-        ],
-    }
+    where = {"spec": spec_digest, "store": store_url, "index": index_url}
+    options = {"backend": backend, "flags": flags, "tag": tag, "kiln": version}
+    value = {**where, **options, "models": [asdict(m) for m in models]}
     return str(Digest.of_bytes(canonical_json(value)))
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers.cli_helpers import assert_one_line_error
+
 KILN = [sys.executable, "-m", "kiln"]
 
 
@@ -17,15 +19,6 @@ def kiln(store_dir: Path, *args: str, env: dict[str, str] | None = None):  # typ
     return subprocess.run(
         KILN + list(args), capture_output=True, text=True, env=full_env, timeout=120
     )
-
-
-def assert_one_line_error(result, *fragments: str) -> None:  # type: ignore[no-untyped-def]
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_listing_and_json_shapes(store, store_dir: Path, make_release) -> None:  # type: ignore[no-untyped-def]

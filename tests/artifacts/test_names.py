@@ -27,6 +27,7 @@ from pipeline.neuron_cache import INVALID, import_neuron_cache
 from pipeline.spec import load_spec
 from runtime_loader.cache import LocalCache
 from tests.artifacts.test_transfer import make_release, registered, rewrite
+from tests.helpers.cli_helpers import assert_one_line_error
 
 KILN = [sys.executable, "-m", "kiln"]
 TRAVERSAL = "a/../../../../../../tmp/x"
@@ -64,16 +65,6 @@ def kiln(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     full_env = {**os.environ, **(env or {})}
     full_env.pop("KILN_INDEX_URL", None)
     return subprocess.run(KILN + list(args), capture_output=True, text=True, env=full_env)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # -- the grammar -------------------------------------------------------------------------------

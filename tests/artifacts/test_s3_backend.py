@@ -35,6 +35,7 @@ from artifacts.errors import (
 from artifacts.gc import GcPolicy, execute_gc, plan_gc
 from artifacts.store import Store
 from tests.conftest import build_release
+from tests.helpers.cli_helpers import assert_one_line_error
 from tests.servers.s3_server import (
     BUCKET,
     S3Fixture,
@@ -385,15 +386,6 @@ def test_gc_on_s3_takes_ages_from_the_listing(s3_server: S3Fixture, tmp_path: Pa
         assert {b.digest for b in store.backend.iter_blobs()}.isdisjoint(doomed)
         assert store.resolve("kept:prod").digest == kept_digest
         assert store.load_release(kept_digest) == kept
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_cli_errors_are_one_line(s3_server: S3Fixture, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,3 +39,16 @@ def assert_one_line_error_here(result: Result, *expected: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("kiln: error: "), result.stderr
     for text in expected:
         assert text in lines[0], lines[0]
+
+
+def assert_one_line_error(result: Any, *fragments: str, prefix: str = "") -> str:
+    """A failed `kiln` process (anything with `returncode` and `stderr`): a non-zero exit, no
+    traceback, and one stderr line that starts with `prefix` and holds every fragment."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(prefix), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -16,7 +16,6 @@ from tests.helpers.cli_helpers import assert_one_line_error_here, kiln_here
 from tests.helpers.loader_helpers import (
     LLAMA_REF,
     cached_digests,
-    compiled_store,
     kiln,
     kiln_ok,
     pull_json,
@@ -24,11 +23,6 @@ from tests.helpers.loader_helpers import (
 from tests.runtime_loader.test_loader_cli import assert_one_line_error
 
 VOCAB = 256  # tiny-llama
-
-
-@pytest.fixture(scope="session")
-def llama_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compiled_store("tiny-llama", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from tests.helpers.loader_helpers import (
     blob_path,
     build_only_digests,
     cached_digests,
-    compiled_store,
     copy_store,
     eager_embeddings,
     eager_greedy,
@@ -83,16 +82,6 @@ def spy_buckets(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, 
 
     monkeypatch.setattr(model, "choose_bucket", choose)
     return chosen
-
-
-@pytest.fixture(scope="session")
-def minilm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compiled_store("minilm", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def llama_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compiled_store("tiny-llama", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import pytest
 
 import runtime_loader
 from runtime_loader.errors import WrongTarget
+from tests.helpers.cli_helpers import assert_one_line_error as one_line_error
 from tests.helpers.loader_helpers import (
     LLAMA_REF,
     MINILM_REF,
     blob_path,
     cached_digests,
-    compiled_store,
     kiln,
     kiln_env,
     kiln_ok,
@@ -27,16 +27,6 @@ from tests.helpers.loader_helpers import (
 )
 
 TEXT = "Kiln compiles models ahead of time for AWS Neuron."
-
-
-@pytest.fixture(scope="session")
-def minilm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compiled_store("minilm", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def llama_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compiled_store("tiny-llama", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +54,7 @@ def first_values(line: str) -> np.ndarray:
 
 
 def assert_one_line_error(proc: Any, *expected: str) -> None:
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("kiln: error:"), lines[0]
-    assert "Traceback" not in proc.stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
+    one_line_error(proc, *expected, prefix="kiln: error:")
 
 
 def test_pull_text_report(minilm_store: Path, tmp_path: Path) -> None:

@@ -13,15 +13,10 @@ import pytest
 import runtime_loader
 from runtime_loader.errors import BadInput, LoaderError
 from tests.helpers.cli_helpers import assert_one_line_error_here, kiln_here
-from tests.helpers.loader_helpers import MINILM_REF, compiled_store, kiln, pull_json
+from tests.helpers.loader_helpers import MINILM_REF, kiln, pull_json
 from tests.runtime_loader.test_loader_cli import assert_one_line_error
 
 VOCAB = 30522  # all-MiniLM-L6-v2
-
-
-@pytest.fixture(scope="session")
-def minilm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compiled_store("minilm", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

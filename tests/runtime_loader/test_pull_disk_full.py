@@ -19,18 +19,12 @@ from tests.helpers.disk_helpers import resize_tmpfs, small_tmpfs
 from tests.helpers.loader_helpers import (
     LLAMA_REF,
     cached_digests,
-    compiled_store,
     kiln,
     kiln_ok,
     needed_digests,
     release_of,
     verify_cache,
 )
-
-
-@pytest.fixture(scope="session")
-def llama_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compiled_store("tiny-llama", tmp_path_factory)
 
 
 @pytest.fixture
