@@ -136,10 +136,13 @@ def _ensure_schema(engine: Engine, url: str) -> None:
     except (StoreIndexError, OperationalError):
         raise
     except DatabaseError as exc:
-        raise StoreIndexError(
-            f"index {display_url(url)} is unreadable or corrupt ({_short(exc)});"
-            " rebuild it with `kiln reindex`"
-        ) from None
+        raise unreadable_index(display_url(url), exc) from None
+
+
+def unreadable_index(where: str, exc: BaseException) -> StoreIndexError:
+    return StoreIndexError(
+        f"index {where} is unreadable or corrupt ({_short(exc)}); rebuild it with `kiln reindex`"
+    )
 
 
 def upgrade(engine: Engine) -> None:

@@ -35,6 +35,7 @@ from artifacts.index.db import (
     ensure_schema,
     make_engine,
     sqlite_path,
+    unreadable_index,
 )
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -96,10 +97,7 @@ def _revision(engine: Engine, path: Path) -> str | None:
     except OperationalError:
         raise
     except DatabaseError as exc:
-        raise StoreIndexError(
-            f"index {path} is unreadable or corrupt ({_short(exc)}); rebuild it with"
-            " `kiln reindex`"
-        ) from None
+        raise unreadable_index(str(path), exc) from None
 
 
 def _has_tables(conn: Connection) -> bool:

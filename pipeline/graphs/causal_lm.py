@@ -124,8 +124,8 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, blocked)
 
 
-class ContextEncodingGraph(nn.Module):
-    """Prefill of a right-padded ``[B, S_max]`` batch into a fresh ``S_max`` KV cache."""
+class _CausalGraph(nn.Module):
+    """What both graphs share: the wrapped model and its outputs (logits, then the KV cache)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -135,6 +135,10 @@ class ContextEncodingGraph(nn.Module):
 
     def output_names(self) -> list[str]:
         return ["logits", *_kv_names(self.num_layers)]
+
+
+class ContextEncodingGraph(_CausalGraph):
+    """Prefill of a right-padded ``[B, S_max]`` batch into a fresh ``S_max`` KV cache."""
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -165,17 +169,8 @@ class ContextEncodingGraph(nn.Module):
         return (logits, *kv)
 
 
-class TokenGenerationGraph(nn.Module):
+class TokenGenerationGraph(_CausalGraph):
     """One new token per row against an ``S_max`` KV cache; row ``b`` sits at ``position[b]``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        _check_model(model)
-        self.model = model
-        self.num_layers = _num_layers(model)
-
-    def output_names(self) -> list[str]:
-        return ["logits", *_kv_names(self.num_layers)]
 
     def forward(
         self,
