@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from artifacts.index.models import BlobRow
 from artifacts.store import Store
 from artifacts.transfer import REF_NAME_ANNOTATION, export_release, import_archive
 from tests.artifacts.test_export_targets import files_left, kiln, on_tiny_tmpfs, one_line_error
-from tests.artifacts.test_transfer import make_release, registered, rewrite
+from tests.artifacts.test_transfer import make_release, registered, swap_manifest
 
 KILN = [sys.executable, "-m", "kiln"]
 
@@ -36,21 +35,11 @@ def renamed_archive(tmp_path: Path, name: str, tag: str) -> tuple[Digest, Path]:
         export_release(store, "evil:latest", tmp_path / "evil.tar")
     value["name"] = name
     manifest = canonical_json(value)
-    new = Digest.of_bytes(manifest)
-
-    def swap(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
-        if info.name == f"blobs/sha256/{digest.hex}":
-            info.name, data = f"blobs/sha256/{new.hex}", manifest
-        elif info.name == "index.json":
-            index = json.loads(data)
-            entry = index["manifests"][0]
-            entry.update(digest=str(new), size=len(manifest))
-            entry["annotations"] = {REF_NAME_ANNOTATION: tag}
-            data = json.dumps(index).encode()
-        info.size = len(data)
-        return info, data
-
-    return new, rewrite(tmp_path / "evil.tar", tmp_path / "renamed.tar", swap)
+    renamed = swap_manifest(
+        tmp_path / "evil.tar", tmp_path / "renamed.tar", digest, manifest,
+        {REF_NAME_ANNOTATION: tag},
+    )
+    return Digest.of_bytes(manifest), renamed
 
 
 def test_an_archive_cannot_move_another_models_tag(tmp_path: Path) -> None:

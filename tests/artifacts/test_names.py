@@ -26,7 +26,7 @@ from pipeline.errors import SpecError
 from pipeline.neuron_cache import INVALID, import_neuron_cache
 from pipeline.spec import load_spec
 from runtime_loader.cache import LocalCache
-from tests.artifacts.test_transfer import make_release, registered, rewrite
+from tests.artifacts.test_transfer import make_release, registered, rewrite, swap_manifest
 from tests.helpers.cli_helpers import assert_one_line_error
 
 KILN = [sys.executable, "-m", "kiln"]
@@ -268,21 +268,7 @@ def test_an_archive_manifest_with_an_unsafe_name_is_refused(tmp_path: Path) -> N
     digest, data, source = _exported(tmp_path)
     value = json.loads(data)
     value["name"] = "../../evil"
-    manifest = canonical_json(value)
-    new = Digest.of_bytes(manifest)
-
-    def swap(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
-        if info.name == f"blobs/sha256/{digest.hex}":
-            info.name, data = f"blobs/sha256/{new.hex}", manifest
-        elif info.name == "index.json":
-            index = json.loads(data)
-            entry = index["manifests"][0]
-            entry.update(digest=str(new), size=len(manifest), annotations={})
-            data = json.dumps(index).encode()
-        info.size = len(data)
-        return info, data
-
-    archive = rewrite(source, tmp_path / "evil.tar", swap)
+    archive = swap_manifest(source, tmp_path / "evil.tar", digest, canonical_json(value), {})
     with Store.open(str(tmp_path / "target")) as target:
         with pytest.raises(ArchiveError, match="name: must be lowercase"):
             import_archive(target, archive)
