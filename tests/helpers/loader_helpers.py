@@ -45,6 +45,18 @@ def kiln_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def python(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python ARGS...` in the repository with the `kiln` environment, output captured."""
+    return subprocess.run(
+        [sys.executable, *(str(a) for a in args)],
+        cwd=REPO,
+        env=kiln_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def kiln(
     *args: str | Path,
     env: dict[str, str] | None = None,

@@ -38,6 +38,7 @@ from tests.helpers.loader_helpers import (
     kiln_ok,
     needed_digests,
     pull_json,
+    python,
     release_of,
     sha256_file,
     top_level,
@@ -528,14 +529,7 @@ def test_prune_removes_least_recently_used_first(
 # -- 4. light by design -------------------------------------------------------------------------
 def test_importing_the_loader_is_light() -> None:
     code = "import runtime_loader, runtime_loader.api, runtime_loader.cli"
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", code],
-        cwd=REPO,
-        env=kiln_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = python("-X", "importtime", "-c", code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     modules = top_level(imported_modules(proc.stderr))
     assert "runtime_loader" in modules
@@ -574,14 +568,7 @@ def test_running_an_xla_cpu_model_imports_jaxlib_but_not_jax(
     ref: str, minilm_store: Path, llama_store: Path, tmp_path: Path
 ) -> None:
     store = minilm_store if ref == MINILM_REF else llama_store
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_RUN, ref, str(store), str(tmp_path / "cache")],
-        cwd=REPO,
-        env=kiln_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = python("-c", LOAD_AND_RUN, ref, store, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     modules = set(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert "jaxlib" in modules
