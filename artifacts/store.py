@@ -214,20 +214,25 @@ class Store:
         sees the release or has already deleted a blob, and then this fails naming it.
         """
         engine = self.require_index("storing a release")
-        self._check_blobs(release)
+        self.check_blobs(release)
         data = release.to_bytes()
         for _ in range(PUT_ATTEMPTS):
             result = self.backend.put(io.BytesIO(data))
             with write_transaction(engine) as conn:
                 if self.backend.stat(result.digest) is None:
                     continue
-                self._check_blobs(release)
+                self.check_blobs(release)
                 ops.index_release(conn, result.digest, result.size, release)
                 return result.digest
         raise BlobNotFound(result.digest, f"{self.backend.url} (the release manifest)")
 
-    def _check_blobs(self, release: Release) -> None:
+    def check_blobs(self, release: Release) -> dict[Digest, int]:
+        """The release's distinct blobs and sizes; BlobNotFound or SizeMismatch, naming the
+        blob and its role, when the store does not hold one as the manifest says."""
+        sizes: dict[Digest, int] = {}
         for role, ref in release.blob_refs():
+            if ref.digest in sizes:
+                continue
             info = self.backend.stat(ref.digest)
             if info is None:
                 raise BlobNotFound(ref.digest, f"{self.backend.url} (the release's {role})")
@@ -236,6 +241,8 @@ class Store:
                     f"release {release.name}: {role} blob {ref.digest} has size {info.size},"
                     f" manifest says {ref.size}"
                 )
+            sizes[ref.digest] = ref.size
+        return sizes
 
     def load_release(self, digest: Digest) -> Release:
         return Release.from_bytes(self.read_bytes(digest), source=f"manifest {digest}")

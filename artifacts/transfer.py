@@ -32,7 +32,6 @@ from artifacts.diskspace import is_disk_full
 from artifacts.errors import (
     ArchiveError,
     BlobCorrupted,
-    BlobNotFound,
     InvalidManifest,
     InvalidReference,
     ReferenceNotFound,
@@ -157,20 +156,7 @@ def _export(store: Store, ref: str, out: _Output, include_tag: bool) -> ExportRe
 
 def _export_plan(store: Store, release: Release) -> list[tuple[Digest, int]]:
     """The release's distinct blobs with their sizes, checked against what the store holds."""
-    plan: dict[Digest, int] = {}
-    for role, ref in release.blob_refs():
-        if ref.digest in plan:
-            continue
-        info = store.backend.stat(ref.digest)
-        if info is None:
-            raise BlobNotFound(ref.digest, f"{store.backend.url} (the release's {role})")
-        if info.size != ref.size:
-            raise SizeMismatch(
-                f"blob {ref.digest} at {store.backend.location(ref.digest)} is {info.size}"
-                f" bytes, release {release.name} says {ref.size} (run `kiln verify`)"
-            )
-        plan[ref.digest] = ref.size
-    return list(plan.items())
+    return list(store.check_blobs(release).items())
 
 
 def _index_document(digest: Digest, size: int, name: str, tag_ref: str | None) -> dict[str, Any]:

@@ -82,6 +82,16 @@ def kiln_ok(*args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str
     return proc
 
 
+def pulled_cache(
+    factory: pytest.TempPathFactory, name: str, *pulls: tuple[str, Path]
+) -> Path:
+    """A fresh cache folder with each (ref, store) of `pulls` pulled into it by `kiln pull`."""
+    cache = factory.mktemp(name)
+    for ref, store in pulls:
+        pull_json(ref, store, cache)
+    return cache
+
+
 def pull_json(ref: str, store: Path, cache_dir: Path, *extra: str) -> dict[str, Any]:
     proc = kiln_ok("pull", ref, "--store", store, "--cache-dir", cache_dir, "--json", *extra)
     return json.loads(proc.stdout)

@@ -18,7 +18,7 @@ from tests.helpers.loader_helpers import (
     cached_digests,
     kiln,
     kiln_ok,
-    pull_json,
+    pulled_cache,
 )
 from tests.runtime_loader.test_loader_cli import assert_one_line_error
 
@@ -27,9 +27,7 @@ VOCAB = 256  # tiny-llama
 
 @pytest.fixture(scope="module")
 def cache(llama_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("generate-cache")
-    pull_json(LLAMA_REF, llama_store, cache)
-    return cache
+    return pulled_cache(tmp_path_factory, "generate-cache", (LLAMA_REF, llama_store))
 
 
 @pytest.fixture(scope="module")

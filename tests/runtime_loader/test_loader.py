@@ -38,6 +38,7 @@ from tests.helpers.loader_helpers import (
     kiln_ok,
     needed_digests,
     pull_json,
+    pulled_cache,
     python,
     release_of,
     sha256_file,
@@ -88,9 +89,7 @@ def spy_buckets(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, 
 @pytest.fixture(scope="module")
 def minilm_cache(minilm_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache with minilm pulled (tests copy it before changing it)."""
-    cache = tmp_path_factory.mktemp("minilm-cache")
-    pull_json(MINILM_REF, minilm_store, cache)
-    return cache
+    return pulled_cache(tmp_path_factory, "minilm-cache", (MINILM_REF, minilm_store))
 
 
 @pytest.fixture(scope="module")

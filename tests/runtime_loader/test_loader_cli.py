@@ -22,7 +22,7 @@ from tests.helpers.loader_helpers import (
     kiln,
     kiln_env,
     kiln_ok,
-    pull_json,
+    pulled_cache,
     release_of,
 )
 
@@ -32,10 +32,8 @@ TEXT = "Kiln compiles models ahead of time for AWS Neuron."
 @pytest.fixture(scope="module")
 def cache(minilm_store: Path, llama_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One host cache with both releases pulled."""
-    cache = tmp_path_factory.mktemp("cli-cache")
-    pull_json(MINILM_REF, minilm_store, cache)
-    pull_json(LLAMA_REF, llama_store, cache)
-    return cache
+    pulls = ((MINILM_REF, minilm_store), (LLAMA_REF, llama_store))
+    return pulled_cache(tmp_path_factory, "cli-cache", *pulls)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import runtime_loader
 from runtime_loader.errors import BadInput, LoaderError
 from tests.helpers.cli_helpers import assert_one_line_error_here, kiln_here
-from tests.helpers.loader_helpers import MINILM_REF, kiln, pull_json
+from tests.helpers.loader_helpers import MINILM_REF, kiln, pulled_cache
 from tests.runtime_loader.test_loader_cli import assert_one_line_error
 
 VOCAB = 30522  # all-MiniLM-L6-v2
@@ -21,9 +21,7 @@ VOCAB = 30522  # all-MiniLM-L6-v2
 
 @pytest.fixture(scope="module")
 def cache(minilm_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("inputs-cache")
-    pull_json(MINILM_REF, minilm_store, cache)
-    return cache
+    return pulled_cache(tmp_path_factory, "inputs-cache", (MINILM_REF, minilm_store))
 
 
 @pytest.fixture(scope="module")
