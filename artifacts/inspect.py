@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,27 +250,31 @@ def _graph_label(g: Graph) -> str:
     return f"{g.kind} {g.bucket_label}"
 
 
+def _flags(g: Graph) -> str:
+    return " ".join(g.compiler.flags) or "(none)"
+
+
+def _executable(g: Graph) -> str:
+    return f"{g.executable.digest.short} ({g.executable.size} B)"
+
+
+# What a graph diff compares (the value) and how it shows a change (the label and text).
+_GRAPH_FIELDS: tuple[tuple[str, Callable[[Graph], object], Callable[[Graph], str]], ...] = (
+    ("compiler", lambda g: g.compiler.name, lambda g: g.compiler.name),
+    ("compiler version", lambda g: g.compiler.version, lambda g: g.compiler.version),
+    ("flags", lambda g: g.compiler.flags, _flags),
+    ("hlo", lambda g: g.hlo.digest, lambda g: str(g.hlo.digest.short)),
+    ("executable", lambda g: g.executable.digest, _executable),
+    ("format", lambda g: g.format, lambda g: g.format),
+)
+
+
 def _graph_changes(a: Graph, b: Graph) -> list[str]:
-    out = []
-    if a.compiler.name != b.compiler.name:
-        out.append(f"compiler {a.compiler.name} -> {b.compiler.name}")
-    if a.compiler.version != b.compiler.version:
-        out.append(f"compiler version {a.compiler.version} -> {b.compiler.version}")
-    if a.compiler.flags != b.compiler.flags:
-        out.append(
-            f"flags {' '.join(a.compiler.flags) or '(none)'} -> "
-            f"{' '.join(b.compiler.flags) or '(none)'}"
-        )
-    if a.hlo.digest != b.hlo.digest:
-        out.append(f"hlo {a.hlo.digest.short} -> {b.hlo.digest.short}")
-    if a.executable.digest != b.executable.digest:
-        out.append(
-            f"executable {a.executable.digest.short} ({a.executable.size} B) -> "
-            f"{b.executable.digest.short} ({b.executable.size} B)"
-        )
-    if a.format != b.format:
-        out.append(f"format {a.format} -> {b.format}")
-    return out
+    return [
+        f"{label} {show(a)} -> {show(b)}"
+        for label, value, show in _GRAPH_FIELDS
+        if value(a) != value(b)
+    ]
 
 
 def diff_releases(left: Release, right: Release, left_ref: str, right_ref: str) -> ReleaseDiff:
