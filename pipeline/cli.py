@@ -250,12 +250,8 @@ def _print_noop(record, seconds: float, as_json: bool) -> None:  # type: ignore[
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
     items = sorted(record.items, key=lambda i: (i.model, i.target, i.graph_kind, i.batch, i.seq))
-    click.echo(
-        render_table(
-            ["MODEL", "GRAPH", "BUCKET", "TARGET", "RESULT", "TRACE", "COMPILE"],
-            [[i.model, i.graph_kind, i.bucket, i.target, "direct-hit", "-", "-"] for i in items],
-        )
-    )
+    rows = [[i.model, i.graph_kind, i.bucket, i.target, "direct-hit", "-", "-"] for i in items]
+    _print_items(rows)
     _print_totals(data, seconds)
     click.echo(
         f"nothing changed since run {record.run_id}: not recorded as a run (--recheck looks"
@@ -292,23 +288,27 @@ def _order(item) -> tuple:  # type: ignore[no-untyped-def, type-arg]
     return (job.model, job.target, job.graph_kind, job.bucket.batch, job.bucket.seq)
 
 
+SUMMARY_COLUMNS = ["MODEL", "GRAPH", "BUCKET", "TARGET", "RESULT", "TRACE", "COMPILE"]
+
+
+def _print_items(rows: list[list[str]]) -> None:
+    click.echo(render_table(SUMMARY_COLUMNS, rows))
+
+
 def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
-    click.echo(
-        render_table(
-            ["MODEL", "GRAPH", "BUCKET", "TARGET", "RESULT", "TRACE", "COMPILE"],
+    _print_items(
+        [
             [
-                [
-                    i.job.model,
-                    i.job.graph_kind,
-                    i.job.bucket.label,
-                    i.job.target,
-                    i.status,
-                    f"{i.trace_seconds:.2f}s" if i.trace_seconds else "-",
-                    f"{i.compile_seconds:.2f}s" if i.compile_seconds else "-",
-                ]
-                for i in sorted(report.items, key=_order)
-            ],
-        )
+                i.job.model,
+                i.job.graph_kind,
+                i.job.bucket.label,
+                i.job.target,
+                i.status,
+                f"{i.trace_seconds:.2f}s" if i.trace_seconds else "-",
+                f"{i.compile_seconds:.2f}s" if i.compile_seconds else "-",
+            ]
+            for i in sorted(report.items, key=_order)
+        ]
     )
     _print_totals(report.to_json(), report.seconds)
 

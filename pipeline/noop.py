@@ -20,7 +20,6 @@ takes it. One difference is accepted: a newer compile of an HLO key the release 
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from artifacts.config import resolve_index_url, resolve_store_url, user_cache_di
 from artifacts.digest import Digest, canonical_json
 from artifacts.fsio import write_atomic
 from artifacts.tagrefs import read_tag_ref
+from pipeline.tracers.versions import kiln_version
 
 NOOP_DIR_ENV = "KILN_NOOP_DIR"
 RECORD_VERSION = 1
@@ -282,7 +282,7 @@ def check_shortcut(
         backend=backend,
         flags=flags,
         tag=tag,
-        version=_kiln_version(),
+        version=kiln_version(),
         models=model_keys(plans),
     )
     if not look:
@@ -292,10 +292,3 @@ def check_shortcut(
     except Exception:  # noqa: BLE001 - no store yet, or unreachable: the full path says which
         return Shortcut(key, plans, None)
     return Shortcut(key, plans, find_noop(key, store_backend))
-
-
-def _kiln_version() -> str:
-    try:
-        return importlib.metadata.version("kiln")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

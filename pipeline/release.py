@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-import importlib.metadata
 import socket
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from artifacts.refs import TagName
 from artifacts.store import Store
 from pipeline.jobs import CompiledGraph, GraphJob, ModelPlan
 from pipeline.sources import raw_config, tokenizer_files
+from pipeline.tracers.versions import kiln_version
 from pipeline.weights import WeightBlobs
 
 
@@ -90,7 +90,7 @@ def build_release(
         ),
         graphs=tuple(entries),
         provenance=Provenance(
-            importlib.metadata.version("kiln"),
+            kiln_version(),
             dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             socket.gethostname(),
             user,

@@ -1,5 +1,6 @@
-"""The tracing libraries' versions, read from package metadata (nothing is imported): part of
-every direct key, so a torch or transformers upgrade gives new keys."""
+"""Versions read from package metadata (nothing is imported): the tracing libraries' are part
+of every direct key, so a torch or transformers upgrade gives new keys; Kiln's own is in every
+release's provenance and every no-op record's key."""
 
 from __future__ import annotations
 
@@ -19,3 +20,7 @@ def tracer_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[package] = "missing"
     return out
+
+
+def kiln_version() -> str:
+    return importlib.metadata.version("kiln")
