@@ -134,22 +134,21 @@ def check_model(model: ModelSpec, config: dict[str, Any], limit: int | None) -> 
         return
 
     runs_here = "cpu" in model.targets
-    for kind in model.graph_kinds:
-        for bucket in model.buckets:
-            need = estimate_graph(config, model.task, kind, bucket, model.dtype)
-            bound = need.total if runs_here else need.trace
-            if bound > limit:
-                parts = f"inputs {human_size(need.inputs)}, weights {human_size(need.weights)}"
-                if runs_here:
-                    parts += (
-                        f", outputs {human_size(need.outputs)},"
-                        f" activations {human_size(need.activations)}"
-                    )
-                raise MemoryEstimateError(
-                    f"model {model.name}, graph {kind}, bucket {bucket.label}: needs at least"
-                    f" {human_size(bound)} of memory ({parts}), more than the"
-                    f" {human_size(limit)} this machine has; use a smaller bucket"
+    for kind, bucket in model.graph_buckets():
+        need = estimate_graph(config, model.task, kind, bucket, model.dtype)
+        bound = need.total if runs_here else need.trace
+        if bound > limit:
+            parts = f"inputs {human_size(need.inputs)}, weights {human_size(need.weights)}"
+            if runs_here:
+                parts += (
+                    f", outputs {human_size(need.outputs)},"
+                    f" activations {human_size(need.activations)}"
                 )
+            raise MemoryEstimateError(
+                f"model {model.name}, graph {kind}, bucket {bucket.label}: needs at least"
+                f" {human_size(bound)} of memory ({parts}), more than the"
+                f" {human_size(limit)} this machine has; use a smaller bucket"
+            )
 
 
 def _int(config: dict[str, Any], *names: str) -> int:

@@ -128,32 +128,31 @@ def plan_jobs(model: ModelSpec, backend: str, flags_override: tuple[str, ...] | 
                 flags = validate_flags(target, flags)
             except NeuronFlagError as exc:
                 raise NeuronFlagError(f"model {model.name}, target {target}: {exc}") from None
-        for kind in model.graph_kinds:
-            for bucket in model.buckets:
-                key = direct_key(
-                    architecture=arch,
-                    graph_kind=kind,
-                    bucket=bucket.to_json(),
-                    dtype=model.dtype,
-                    tracer=tracer,
-                    compiler=compiler,
-                    compiler_version=version or "missing",
-                    flags=flags,
-                    target=target,
-                )
-                job = GraphJob(
-                    model.name,
-                    kind,
-                    bucket,
-                    target,
-                    flags,
-                    compiler,
-                    version or "missing",
-                    model.dtype,
-                    key,
-                    arch,
-                )
-                plan.jobs.append(job)
-                if version is None:
-                    plan.unavailable[job] = unavailable_message(compiler, target)
+        for kind, bucket in model.graph_buckets():
+            key = direct_key(
+                architecture=arch,
+                graph_kind=kind,
+                bucket=bucket.to_json(),
+                dtype=model.dtype,
+                tracer=tracer,
+                compiler=compiler,
+                compiler_version=version or "missing",
+                flags=flags,
+                target=target,
+            )
+            job = GraphJob(
+                model.name,
+                kind,
+                bucket,
+                target,
+                flags,
+                compiler,
+                version or "missing",
+                model.dtype,
+                key,
+                arch,
+            )
+            plan.jobs.append(job)
+            if version is None:
+                plan.unavailable[job] = unavailable_message(compiler, target)
     return plan

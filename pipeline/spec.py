@@ -67,6 +67,7 @@ class ModelSpec:
     flags: dict[str, tuple[str, ...]]
     tag: str
     tracer: str = DEFAULT_TRACER  # "torch-xla" or "torch-neuronx" (pipeline.tracers)
+    context_seqs: tuple[int, ...] = ()  # buckets.context: prompt-only lengths (causal-lm)
 
     @property
     def buckets(self) -> tuple[Bucket, ...]:
@@ -75,6 +76,20 @@ class ModelSpec:
     @property
     def graph_kinds(self) -> tuple[str, ...]:
         return GRAPH_KINDS[self.task]
+
+    def kind_buckets(self, kind: str) -> tuple[Bucket, ...]:
+        """The buckets one graph kind is compiled for. ``context_encoding`` also gets the
+        ``buckets.context`` prompt lengths: a short prompt is encoded at its own length and
+        its KV cache then padded to the token-generation bucket, as Neuron's inference
+        libraries bucket context encoding apart from the cache length."""
+        if kind != "context_encoding" or not self.context_seqs:
+            return self.buckets
+        seqs = sorted(set(self.seqs) | set(self.context_seqs))
+        return tuple(Bucket(b, s) for b in self.batches for s in seqs)
+
+    def graph_buckets(self) -> tuple[tuple[str, Bucket], ...]:
+        """Every (graph kind, bucket) the model is compiled for, kind by kind."""
+        return tuple((kind, b) for kind in self.graph_kinds for b in self.kind_buckets(kind))
 
     def flags_for(self, target: str) -> tuple[str, ...]:
         return self.flags.get(target, ())
@@ -268,12 +283,13 @@ def parse_spec(data: Any, file: str, base: Path | None = None, raw: bytes = b"")
         if task not in TASKS:
             errors.fail(f"{where}.task", f"must be one of {TASKS}")
         buckets = merged.get("buckets")
-        if not isinstance(buckets, dict) or set(buckets) - {"batch", "seq"}:
-            errors.fail(f"{where}.buckets", "must be a mapping with batch and seq")
+        if not isinstance(buckets, dict) or set(buckets) - {"batch", "seq", "context"}:
+            errors.fail(f"{where}.buckets", "must be a mapping with batch, seq (and context)")
         batches = _positive_ints(buckets.get("batch", [1]), f"{where}.buckets.batch", errors)
         if "seq" not in buckets:
             errors.fail(f"{where}.buckets.seq", "required")
         seqs = _positive_ints(buckets["seq"], f"{where}.buckets.seq", errors)
+        context_seqs = _context_seqs(buckets, task, seqs, f"{where}.buckets.context", errors)
         dtype = merged.get("dtype", "float32")
         if dtype not in DTYPES:
             errors.fail(f"{where}.dtype", f"must be one of {DTYPES}")
@@ -302,9 +318,29 @@ def parse_spec(data: Any, file: str, base: Path | None = None, raw: bytes = b"")
         if tracer not in TRACERS:
             errors.fail(f"{where}.tracer", f"must be one of {TRACERS}")
         models.append(
-            ModelSpec(name, source, task, batches, seqs, dtype, targets, flags, tag, tracer)
+            ModelSpec(
+                name, source, task, batches, seqs, dtype, targets, flags, tag, tracer, context_seqs
+            )
         )
     return Spec(file, Digest.of_bytes(raw), tuple(models), max_memory)
+
+
+def _context_seqs(
+    buckets: dict[str, Any], task: str, seqs: tuple[int, ...], where: str, errors: _Path
+) -> tuple[int, ...]:
+    """``buckets.context``: prompt lengths that get a context_encoding graph of their own.
+    Each must fit the longest ``seq`` (a longer prompt could not be decoded from)."""
+    if "context" not in buckets:
+        return ()
+    if task != "causal-lm":
+        errors.fail(where, f"only a causal-lm has context buckets, this model's task is {task}")
+    context = _positive_ints(buckets["context"], where, errors)
+    for j, length in enumerate(context):
+        if length > max(seqs):
+            errors.fail(
+                f"{where}[{j}]", f"{length} is longer than the longest seq bucket ({max(seqs)})"
+            )
+    return tuple(s for s in context if s not in seqs)
 
 
 def load_spec(path: Path | str) -> Spec:

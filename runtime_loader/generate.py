@@ -1,6 +1,12 @@
 """Generation for decoder LMs: the context_encoding graph once over the padded prompts, then
 token_generation step by step with the KV cache kept where the executor keeps it; the logits
-of each step come to the host to choose the next tokens."""
+of each step come to the host to choose the next tokens.
+
+Two buckets are chosen per call: the smallest token_generation bucket that holds the longest
+prompt plus the new tokens, and the shortest context_encoding bucket of the same batch that
+holds the longest prompt. When the second is shorter (a release compiled with
+``buckets.context``), its KV cache is zero-padded to the first's length on the host once,
+before the first decode step: encoding an 11-token prompt at 16 positions, not 128."""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from runtime_loader import inputs
-from runtime_loader.errors import InputTooLarge
+from runtime_loader.errors import BadRelease, InputTooLarge
 from runtime_loader.model import Bucket, CompiledModel
 from runtime_loader.sampling import SamplingConfig, next_tokens
 
@@ -67,15 +73,25 @@ class CausalLM(CompiledModel):
         lengths = np.array([len(p) for p in prompts])
         need = int(lengths.max()) + max_new_tokens - 1
         bucket = self._generation_bucket(len(prompts), need)
+        context_bucket = self._context_bucket(bucket, int(lengths.max()))
         pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
         rng = np.random.default_rng(seed)
-        return self._steps(prompts, lengths, bucket, max_new_tokens, eos_token_id, config, rng, pad)
+        return self._steps(
+            prompts,
+            lengths,
+            (context_bucket, bucket),
+            max_new_tokens,
+            eos_token_id,
+            config,
+            rng,
+            pad,
+        )
 
     def _steps(
         self,
         prompts: list[list[int]],
         lengths: np.ndarray,
-        bucket: Bucket,
+        buckets: tuple[Bucket, Bucket],
         max_new_tokens: int,
         eos_token_id: int | None,
         config: SamplingConfig,
@@ -83,17 +99,23 @@ class CausalLM(CompiledModel):
         pad: int,
     ) -> Iterator[np.ndarray]:
         host = self._executor.to_host
-        ids = np.full((bucket.batch, bucket.seq), pad, dtype=np.int64)
-        mask = np.zeros((bucket.batch, bucket.seq), dtype=np.int64)
+        context_bucket, bucket = buckets
+        ids = np.full((bucket.batch, context_bucket.seq), pad, dtype=np.int64)
+        mask = np.zeros((bucket.batch, context_bucket.seq), dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
             mask[row, : len(prompt)] = 1
         mask[len(prompts) :, 0] = 1  # filler rows: one real token keeps their math finite
         context = self._execute(
-            "context_encoding", bucket, {"input_ids": ids, "attention_mask": mask}, on_device=True
+            "context_encoding",
+            context_bucket,
+            {"input_ids": ids, "attention_mask": mask},
+            on_device=True,
         )
         logits = np.asarray(host(context[0]), dtype=np.float32)  # bf16/fp16 logits too
         cache = context[1:]
+        if context_bucket.seq < bucket.seq:
+            cache = [_grown(host(value), bucket.seq) for value in cache]
         names = [t["name"] for t in self.signature("token_generation", bucket)["outputs"]][1:]
         done = np.zeros(len(prompts), dtype=bool)
         position = np.zeros(bucket.batch, dtype=np.int64)
@@ -124,11 +146,37 @@ class CausalLM(CompiledModel):
 
     def _generation_bucket(self, batch: int, need: int) -> Bucket:
         try:
-            return self.choose_bucket("context_encoding", batch, need)
+            return self.choose_bucket("token_generation", batch, need)
         except InputTooLarge:
-            listed = ", ".join(str(b) for b in self.buckets("context_encoding"))
+            listed = ", ".join(str(b) for b in self.buckets("token_generation"))
             raise InputTooLarge(
                 f"{self.name}: {batch} prompt(s) needing {need} positions (longest prompt +"
                 f" max_new_tokens - 1) fit no bucket (batch x seq: {listed}); shorten the prompt"
                 " or lower max_new_tokens"
             ) from None
+
+    def _context_bucket(self, bucket: Bucket, longest: int) -> Bucket:
+        """The shortest context_encoding bucket of ``bucket``'s batch holding ``longest``
+        tokens and no longer than ``bucket``."""
+        fits = [
+            b
+            for b in self.buckets("context_encoding")
+            if b.batch == bucket.batch and longest <= b.seq <= bucket.seq
+        ]
+        if not fits:
+            listed = ", ".join(str(b) for b in self.buckets("context_encoding"))
+            raise BadRelease(
+                f"release {self.name}@{self.digest.short}: no context_encoding graph for"
+                f" batch {bucket.batch} holds a {longest}-token prompt within the"
+                f" {bucket} token_generation bucket (context_encoding buckets: {listed})"
+            )
+        return min(fits, key=lambda b: b.seq)
+
+
+def _grown(cache: Any, seq: int) -> np.ndarray:
+    """One layer's K or V ``[batch, kv_heads, s, head_dim]`` zero-padded to ``seq`` slots.
+    The slots past each row's position are masked, so their values never count."""
+    array = np.asarray(cache)
+    grown = np.zeros((*array.shape[:-2], seq, array.shape[-1]), dtype=array.dtype)
+    grown[..., : array.shape[-2], :] = array
+    return grown

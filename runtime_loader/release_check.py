@@ -36,6 +36,8 @@ def check_release(release: Release, digest: Digest) -> None:
             f"{label}: a {release.source.task} release needs graphs of kind"
             f" {', '.join(missing)}; it has {', '.join(sorted(kinds))}"
         )
+    if release.source.task == "causal-lm":
+        _check_context_buckets(release, label)
     if not release.source.weights:
         raise BadRelease(
             f"{label}: source.weights is empty: the manifest names no weights blob"
@@ -45,6 +47,22 @@ def check_release(release: Release, digest: Digest) -> None:
         _check_signature(
             graph.signature, f"{label}: graphs[{i}].signature ({graph.kind} {graph.bucket_label})"
         )
+
+
+def _check_context_buckets(release: Release, label: str) -> None:
+    """Each token_generation bucket needs a context_encoding graph of its batch and at most
+    its length to start from."""
+    context = {(g.bucket["batch"], g.bucket["seq"]) for g in release.graphs
+               if g.kind == "context_encoding"}
+    for graph in release.graphs:
+        if graph.kind != "token_generation":
+            continue
+        batch, seq = graph.bucket["batch"], graph.bucket["seq"]
+        if not any(b == batch and s <= seq for b, s in context):
+            raise BadRelease(
+                f"{label}: the token_generation graph {graph.bucket_label} has no"
+                f" context_encoding graph of batch {batch} and at most {seq} positions"
+            )
 
 
 def _check_signature(signature: dict[str, Any], where: str) -> None:

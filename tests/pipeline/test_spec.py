@@ -104,6 +104,18 @@ def test_min_max_expands_to_powers_of_two(seq: dict[str, int], expected: tuple) 
     assert parse_spec(data, "spec.yaml", Path("/")).models[0].seqs == expected
 
 
+def test_context_buckets_add_only_context_encoding_graphs() -> None:
+    buckets = {"batch": [1, 2], "seq": [64, 128], "context": [16, 64, 32]}
+    data = {"models": [{"name": "m", "source": "m", "task": "causal-lm", "buckets": buckets}]}
+    model = parse_spec(data, "spec.yaml", Path("/")).models[0]
+    assert model.context_seqs == (16, 32)  # 64 is a seq bucket already
+    graphs = model.graph_buckets()
+    context = [b for kind, b in graphs if kind == "context_encoding"]
+    token_gen = [b for kind, b in graphs if kind == "token_generation"]
+    assert context == [Bucket(b, s) for b in (1, 2) for s in (16, 32, 64, 128)]
+    assert token_gen == list(model.buckets) == [Bucket(b, s) for b in (1, 2) for s in (64, 128)]
+
+
 def test_spec_digest_is_of_the_file_bytes(tmp_path: Path) -> None:
     a = load_spec(write(tmp_path, VALID, "a.yaml"))
     b = load_spec(write(tmp_path, VALID, "b.yaml"))
@@ -181,6 +193,20 @@ MODEL = "  - name: m\n    source: m\n    buckets: {seq: [8]}\n"
             "models:\n  - name: m\n    source: {config: {model_type: bert}, seed: -1}\n"
             "    buckets: {seq: 8}\n",
             "spec.yaml: models[0].source.seed: must be a non-negative integer",
+        ),
+        (
+            "models:\n  - name: n\n    source: n\n    buckets: {seq: [8], context: [4]}\n",
+            "spec.yaml: models[0].buckets.context: only a causal-lm has context buckets",
+        ),
+        (
+            "models:\n  - name: n\n    source: n\n    task: causal-lm\n"
+            "    buckets: {seq: [8, 16], context: [4, 32]}\n",
+            "spec.yaml: models[0].buckets.context[1]: 32 is longer than the longest seq bucket",
+        ),
+        (
+            "models:\n  - name: n\n    source: n\n    task: causal-lm\n"
+            "    buckets: {seq: [8], context: [0]}\n",
+            "spec.yaml: models[0].buckets.context[0]: must be a positive integer",
         ),
         ("models: []\n", "spec.yaml: models: must be a non-empty list"),
         ("- just a list\n", "spec.yaml: must be a mapping"),

@@ -60,6 +60,17 @@ def only_context_encoding(release: Release, digest: Digest) -> Release:
     return dataclasses.replace(release, graphs=graphs)
 
 
+def no_short_context_encoding(release: Release, digest: Digest) -> Release:
+    """Batch 1 keeps only its 128-position context_encoding graph: nothing starts 1x64."""
+    graphs = tuple(
+        g
+        for g in release.graphs
+        if not (g.kind == "context_encoding" and g.bucket == {"batch": 1, "seq": 16})
+        and not (g.kind == "context_encoding" and g.bucket == {"batch": 1, "seq": 64})
+    )
+    return dataclasses.replace(release, graphs=graphs)
+
+
 def executable_is_weights(release: Release, digest: Digest) -> Release:
     weights = release.source.weights[0]
     return _graphs(release, lambda i, g: dataclasses.replace(g, executable=weights))
@@ -76,6 +87,10 @@ REFUSED_AT_LOAD = {
     "no-parameters": (no_parameters, ("graphs[0].signature", ".parameters is missing")),
     "unknown-weight": (unknown_weight, ("graphs[1]", "'model.no_such.weight'")),
     "missing-kind": (only_context_encoding, ("needs graphs of kind token_generation",)),
+    "no-short-context": (
+        no_short_context_encoding,
+        ("token_generation graph", "no context_encoding graph of batch 1 and at most 64"),
+    ),
 }
 REFUSED_AT_RUN = {
     "executable-is-weights": (executable_is_weights, "the blob holds safetensors weights"),
