@@ -368,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=22, help="decoder layers (default 22)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--seq", type=int, default=128, help="the one bucket's sequence length")
+    parser.add_argument(
+        "--context",
+        default="16,32,64",
+        help="comma-separated context-encoding prompt lengths below --seq ('' for none)",
+    )
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens per measurement")
     parser.add_argument("--shard-size", type=int, default=2 << 30, help="bytes per shard")
     parser.add_argument("--workdir", type=Path, default=None, help="where scratch files go")
@@ -381,10 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         weight_bytes = write_checkpoint_in_child(folder, args.layers, args.dtype,
                                                  args.shard_size, work)
         spec = work / "spec.yaml"
+        buckets: dict[str, Any] = {"batch": [1], "seq": [args.seq]}
+        context = [int(c) for c in args.context.split(",") if c.strip()]
+        if context:
+            buckets["context"] = context
         spec.write_text(json.dumps({
             "models": [{"name": "scale", "task": "causal-lm", "dtype": args.dtype,
-                        "source": {"path": str(folder)},
-                        "buckets": {"batch": [1], "seq": [args.seq]}}]
+                        "source": {"path": str(folder)}, "buckets": buckets}]
         }))
         results: dict[str, Any] = {"weight_bytes": weight_bytes}
         results["cold_w1"] = kiln_compile(spec, work / "store1", 1, work)
@@ -405,11 +413,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = figures(results)
     settings = {"layers": args.layers, "dtype": args.dtype, "seq": args.seq,
+                "context": args.context,
                 "tokens": args.tokens, "cores": os.cpu_count()}
     if args.json:
         print(json.dumps({"settings": settings, "results": results, "figures": rows}, indent=2))
         return 0
-    print(f"TinyLlama-1.1B-shaped Llama, {args.layers} layers, {args.dtype}, bucket 1x{args.seq}, "
+    print(f"TinyLlama-1.1B-shaped Llama, {args.layers} layers, {args.dtype}, bucket 1x{args.seq} "
+          f"(context encoding at {args.context or args.seq}), "
           f"{_gib(weight_bytes)} of weights; {os.cpu_count()} cores\n")
     table = []
     for row in rows:
