@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from artifacts.deploy_store import DeployStore
 from artifacts.digest import Digest
 from artifacts.manifest import Release
 from artifacts.refs import parse_reference
@@ -38,6 +39,20 @@ def _open_store(store: Any, index: str | None) -> Any:
     return Store.open(str(store) if store else None, index, create=False)
 
 
+def _resolve(ref: str, store: Any, index: str | None) -> tuple[Any, Digest]:
+    """(the opened store, the manifest digest `ref` names). A tag with a ref object in a
+    store given by URL is read through DeployStore, which never imports SQLAlchemy; an open
+    Store, an explicit index, or any other reference goes through Store."""
+    if index is None and (store is None or isinstance(store, str | Path)):
+        reader = DeployStore.open(str(store) if store else None)
+        digest = reader.resolve_tag(ref)
+        if digest is not None:
+            return reader, digest
+        reader.close()
+    opened = _open_store(store, index)
+    return opened, opened.resolve(ref).digest
+
+
 def resolve_and_pull(
     ref: str,
     store: Any = None,
@@ -50,8 +65,7 @@ def resolve_and_pull(
     """Online: resolve `ref` in the store and pull what it needs into the cache (nothing
     but the manifest when `target` is given and the release is for another target)."""
     cache = cache or LocalCache()
-    opened = _open_store(store, index)
-    digest = opened.resolve(ref).digest
+    opened, digest = _resolve(ref, store, index)
     release, report = pull_release(opened, cache, ref, digest, workers, progress, target)
     parsed = parse_reference(ref)
     if parsed.tag is not None:

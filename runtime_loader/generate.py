@@ -100,6 +100,10 @@ class CausalLM(CompiledModel):
     ) -> Iterator[np.ndarray]:
         host = self._executor.to_host
         context_bucket, bucket = buckets
+        first = [self.graphs[("context_encoding", context_bucket.batch, context_bucket.seq)]]
+        if max_new_tokens > 1:
+            first.append(self.graphs[("token_generation", bucket.batch, bucket.seq)])
+        self.prepare(first)
         ids = np.full((bucket.batch, context_bucket.seq), pad, dtype=np.int64)
         mask = np.zeros((bucket.batch, context_bucket.seq), dtype=np.int64)
         for row, prompt in enumerate(prompts):

@@ -4,6 +4,7 @@ generate.py)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,8 +89,40 @@ class CompiledModel:
         self, kind: str, bucket: Bucket, inputs: dict[str, Any], on_device: bool = False
     ) -> list[Any]:
         graph = self.graphs[(kind, bucket.batch, bucket.seq)]
+        self.prepare([graph])
+        exe = self._executables[graph.executable.digest]
+        weights = self._weights
+        args = [
+            inputs[p["name"]] if p["kind"] == "input" else weights[p["name"]]
+            for p in graph.signature["parameters"]
+        ]
+        return exe.run_on_device(args) if on_device else exe.run(args)
+
+    def prepare(self, graphs: Sequence[Graph]) -> None:
+        """Load the executables of `graphs` not loaded yet (buckets load lazily, on first use)
+        and bind their weights, side by side: deserializing releases the GIL, and the first
+        bind pays the executor's one-time setup (jaxlib's dtype tables import ml_dtypes,
+        most of a second), so doing them at once on two cores saves that much of the
+        first call."""
+        todo: dict[Digest, Graph] = {}
+        for graph in graphs:
+            if graph.executable.digest not in self._executables:
+                todo.setdefault(graph.executable.digest, graph)  # the first graph names it
+        if not todo:
+            return
+        names = [
+            p["name"] for g in graphs for p in g.signature["parameters"] if p["kind"] != "input"
+        ]
+        with ThreadPoolExecutor(max_workers=len(todo) + 1) as pool:
+            bound = pool.submit(lambda: [self._weights[n] for n in dict.fromkeys(names)])
+            loaded = [(g, pool.submit(self._load_executable, g)) for g in todo.values()]
+            for graph, future in loaded:
+                self._executables[graph.executable.digest] = future.result()
+            bound.result()
+
+    def _load_executable(self, graph: Graph) -> Executable:
         try:
-            exe = self._executable(graph)
+            return self._executor.load(self._blob(graph.executable.digest))
         except LoaderError:
             raise
         except ValueError as exc:
@@ -98,20 +131,6 @@ class CompiledModel:
                 f"release {self.name}@{self.digest.short}: graph {graph.kind}"
                 f" {graph.bucket_label}: executable {graph.executable.digest}: {reason}"
             ) from exc
-        weights = self._weights
-        args = [
-            inputs[p["name"]] if p["kind"] == "input" else weights[p["name"]]
-            for p in graph.signature["parameters"]
-        ]
-        return exe.run_on_device(args) if on_device else exe.run(args)
-
-    def _executable(self, graph: Graph) -> Executable:
-        """The graph's executable, loaded on first use (buckets load lazily)."""
-        exe = self._executables.get(graph.executable.digest)
-        if exe is None:
-            exe = self._executor.load(self._blob(graph.executable.digest))
-            self._executables[graph.executable.digest] = exe
-        return exe
 
     def close(self) -> None:
         """Unload the executables and close the executor (a NEFF release's Neuron runtime)."""

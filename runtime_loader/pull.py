@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from artifacts.backends.local import LocalBlobBackend
 from artifacts.digest import Digest
 from artifacts.diskspace import is_disk_full
 from artifacts.errors import BlobCorrupted, SizeMismatch
@@ -50,8 +51,14 @@ def cache_full(cache: LocalCache, what: str, size: int | None) -> CacheFull:
 
 
 def store_in_cache(store: Any, cache: LocalCache, digest: Digest, size: int | None = None) -> int:
-    """Copy one blob from the store into the cache (verified, atomic); its size."""
+    """Copy one blob from the store into the cache (verified, atomic); its size. From a
+    local store on the cache's filesystem the blob is hard-linked, not copied."""
     try:
+        if isinstance(getattr(store, "backend", None), LocalBlobBackend):
+            linked = cache.backend.link_from(store.backend.path_of(digest), digest)
+            if linked is not None:
+                cache.mark_verified(digest)
+                return linked.size
         with store.open_blob(digest) as reader:
             size = cache.backend.put(reader, expected=digest).size
         cache.mark_verified(digest)

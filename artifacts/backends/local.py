@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -111,6 +113,43 @@ class LocalBlobBackend(BlobBackend):
                 fsync_dir(final.parent.parent)
             tmp.commit(final)
         return PutResult(digest, size, created)
+
+    def link_from(self, source: Path, expected: Digest) -> PutResult | None:
+        """Add the blob file `source` of another local store as a hard link, verified,
+        without copying its bytes (as `git clone` of a local path links its objects).
+        Blob files are never written in place (only replaced by a rename), so the two
+        stores cannot see each other's writes. The link's own inode is what is hashed, so
+        a file replaced at `source` meanwhile changes nothing. None when it cannot be
+        linked (another filesystem, no permission, not a regular file): copy it instead."""
+        if self.has(expected):
+            return PutResult(expected, self.path_of(expected).stat().st_size, False)
+        try:
+            if not stat.S_ISREG(os.stat(source).st_mode):
+                return None
+            self.tmp_root.mkdir(parents=True, exist_ok=True)
+            tmp = self.tmp_root / f"link-{uuid.uuid4().hex}{TEMP_SUFFIX}"
+            os.link(source, tmp)
+        except OSError:
+            return None
+        try:
+            hasher = Hasher()
+            with open(tmp, "rb", buffering=0) as f:
+                for chunk in iter_chunks(f, CHUNK_SIZE):
+                    hasher.update(chunk)
+            if hasher.digest() != expected:
+                raise BlobCorrupted(expected, hasher.digest(), str(source))
+            final = self.path_of(expected)
+            if not final.parent.is_dir():
+                final.parent.mkdir(exist_ok=True)
+                fsync_dir(final.parent.parent)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # another process's clean_temp took the old-dated link
+                return None
+            fsync_dir(final.parent)
+            return PutResult(expected, hasher.size, True)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def delete(self, digest: Digest) -> bool:
         try:

@@ -52,20 +52,32 @@ def _cpu() -> tuple[Any, Any]:
         return _state["client"], _state["device"]
 
 
+_blockers = [0]  # calls inside _jax_import_blocked now, under _block_lock
+_block_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _jax_import_blocked() -> Iterator[None]:
     """jaxlib's DLPack import and result wrapping try ``import jax`` (about 0.3 s) and work
     without it: make that import fail fast for the duration of the call, unless jax is
-    already loaded. (Another thread importing jax in that window would fail.)"""
-    if "jax" in sys.modules:
-        yield
-        return
-    sys.modules["jax"] = None  # type: ignore[assignment]
+    already loaded. Calls on several threads overlap (the model prepares executables and
+    weights side by side): the block lifts when the last one ends. (Another thread
+    importing jax in that window would fail.)"""
+    with _block_lock:
+        if _blockers[0] == 0 and "jax" in sys.modules:
+            blocking = False
+        else:
+            blocking = True
+            _blockers[0] += 1
+            sys.modules["jax"] = None  # type: ignore[assignment]
     try:
         yield
     finally:
-        if sys.modules.get("jax", False) is None:
-            del sys.modules["jax"]
+        if blocking:
+            with _block_lock:
+                _blockers[0] -= 1
+                if _blockers[0] == 0 and sys.modules.get("jax", False) is None:
+                    del sys.modules["jax"]
 
 
 class DeviceBuffer:

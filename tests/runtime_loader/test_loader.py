@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 import runtime_loader
+from artifacts.digest import Digest
+from runtime_loader.cache import LocalCache
 from runtime_loader.errors import CorruptCachedBlob, InputTooLarge, MissingFromCache
 from runtime_loader.model import Bucket
 from tests.helpers.loader_helpers import (
@@ -34,6 +36,7 @@ from tests.helpers.loader_helpers import (
     eager_minilm,
     flip_byte,
     imported_modules,
+    kiln,
     kiln_env,
     kiln_ok,
     needed_digests,
@@ -290,6 +293,40 @@ def test_pull_resumes_after_blobs_went_missing(minilm_store: Path, tmp_path: Pat
     assert verify_cache(cache) == report["blobs"]
 
 
+def test_pull_from_a_local_store_links_its_blobs(llama_store: Path, tmp_path: Path) -> None:
+    """On the cache's filesystem a pull hard-links the store's blob files (verified, never
+    copied); a blob corrupted in the store is refused and leaves nothing behind."""
+    store = copy_store(llama_store, tmp_path / "store")
+    digest, release = release_of(store, LLAMA_REF)
+    cache = cache_for(tmp_path)
+    report = pull_json(LLAMA_REF, store, cache)
+    assert report["fetched"] == len(needed_digests(release))
+    store_backend = LocalCache(store).backend  # the same blob layout as a store
+    for blob in needed_digests(release) | {str(digest)}:
+        cached, stored = blob_path(cache, blob).stat(), store_backend.path_of(Digest.parse(blob))
+        assert cached.st_ino == stored.stat().st_ino, blob
+    model = runtime_loader.load(LLAMA_REF, store=store, cache_dir=cache)
+    expected = runtime_loader.load(LLAMA_REF, store=llama_store, cache_dir=tmp_path / "copied")
+    ids = prompt(9, seed=3)
+    np.testing.assert_array_equal(
+        model.generate([ids], max_new_tokens=6), expected.generate([ids], max_new_tokens=6)
+    )
+
+    weights = release.source.weights[0].digest
+    bad_store = copy_store(llama_store, tmp_path / "bad-store")
+    weights_file = store_backend.path_of(weights)
+    bad_file = bad_store / weights_file.relative_to(store)
+    data = bytearray(bad_file.read_bytes())
+    data[len(data) // 2] ^= 1
+    bad_file.unlink()  # a new file: the other stores' links keep the good bytes
+    bad_file.write_bytes(bytes(data))
+    bad_cache = cache_for(tmp_path, "bad-cache")
+    proc = kiln("pull", LLAMA_REF, "--store", bad_store, "--cache-dir", bad_cache)
+    assert proc.returncode != 0 and str(weights) in proc.stderr
+    assert str(weights) not in cached_digests(bad_cache)
+    assert not list((bad_cache / "tmp").iterdir())
+
+
 def _pull_process(ref: str, store: Path, cache: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "kiln", "pull", ref, "--store", str(store)]
@@ -509,14 +546,16 @@ def test_prune_removes_least_recently_used_first(
     _set_mtimes(cache, sorted(llama_blobs), now - 20_000)  # all older than minilm's
     _set_mtimes(cache, minilm_blobs, now - 10_000)
 
-    # Using tiny-llama (one bucket) makes exactly the blobs it read the most recent.
+    # Using tiny-llama (encoded at 16, decoded at 64) makes exactly the blobs it read the
+    # most recent.
     model = runtime_loader.load(LLAMA_REF, store=llama_store, cache_dir=cache)
     model.generate([[4, 5, 6]], max_new_tokens=2)
     used = {str(llama_digest), str(llama_release.source.weights[0].digest)}
     used |= {
         str(g.executable.digest)
         for g in llama_release.graphs
-        if g.bucket == {"batch": 1, "seq": 64}
+        if (g.kind, g.bucket["batch"], g.bucket["seq"])
+        in {("context_encoding", 1, 16), ("token_generation", 1, 64)}
     }
     assert len(used) == 4
     fresh = {b.digest for b in model._cache.blobs() if b.last_used > now - 60}
@@ -575,6 +614,27 @@ else:
     model.generate([[1, 2, 3]], max_new_tokens=4)
 print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 """
+
+
+def test_loading_a_tag_reads_its_ref_object_without_the_index(
+    llama_store: Path, tmp_path: Path
+) -> None:
+    """A tag with a ref object resolves through DeployStore: no SQLAlchemy, no index opened
+    (the store's index file is made unreadable to prove it), the same release loaded."""
+    proc = python("-c", LOAD_AND_RUN, LLAMA_REF, llama_store, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modules = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert "sqlalchemy" not in modules
+    assert "artifacts" in modules and "jaxlib" in modules
+
+    store = copy_store(llama_store, tmp_path / "store")
+    (store / "index.db").write_bytes(b"not a database")
+    model = runtime_loader.load(LLAMA_REF, store=store, cache_dir=tmp_path / "cache2")
+    assert str(model.digest) == str(release_of(llama_store, LLAMA_REF)[0])
+    # A digest prefix is not a ref object: it still goes through Store (and its index).
+    prefix = str(model.digest).removeprefix("sha256:")[:12]
+    by_prefix = runtime_loader.load(prefix, store=llama_store, cache_dir=tmp_path / "cache3")
+    assert by_prefix.digest == model.digest
 
 
 @pytest.mark.parametrize("ref", [MINILM_REF, LLAMA_REF])
