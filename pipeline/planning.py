@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.compile import backend_for_target
 from pipeline.compile.neuronx_cc import NeuronxCcCompiler
+from pipeline.compile.xla_cpu import xla_cpu_version
 from pipeline.keys import architecture_digest, direct_key, weights_key
 from pipeline.memory import check_model as check_model_memory
 from pipeline.memory import host_memory_bytes
@@ -86,7 +87,7 @@ def compiler_version(name: str) -> str | None:
     """The compiler's version without importing it; None when it is not installed."""
     if name == "xla-cpu":
         try:
-            return f"jaxlib-{importlib.metadata.version('jaxlib')}"
+            return xla_cpu_version(importlib.metadata.version("jaxlib"))
         except importlib.metadata.PackageNotFoundError:
             return None
     if name == "neuronx-cc":

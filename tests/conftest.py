@@ -13,10 +13,14 @@ import pytest
 from artifacts.digest import Digest
 from artifacts.manifest import BlobRef, CompilerInfo, Graph, Provenance, Release, Source
 from artifacts.store import Store
+from pipeline.compile.xla_cpu import request_xla_flags
 from tests.servers.pg_server import pg_server, pg_url  # noqa: F401 - the session's PostgreSQL
 from tests.servers.s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
+# Before anything in this process uses jaxlib: XLA reads XLA_FLAGS once, and the xla-cpu
+# backend refuses to compile here without its own flags (pipeline/compile/xla_cpu.py).
+request_xla_flags()
 # No-op records of `kiln compile` (pipeline/noop.py) stay with this session, not in ~/.cache.
 os.environ.setdefault("KILN_NOOP_DIR", tempfile.mkdtemp(prefix="kiln-noop-"))
 
