@@ -171,12 +171,14 @@ def _tree_pss_bytes(root: int) -> int:
     return total
 
 
-def run_child(command: list[str], scratch: Path) -> tuple[float, int, str]:
+def run_child(command: list[str], scratch: Path, workers: bool = False) -> tuple[float, int, str]:
     """(wall seconds, peak memory bytes, stdout) of one child process and its workers.
 
-    Peak memory is the larger of the biggest single process's peak RSS (``os.wait4``) and
-    the peak of the whole process tree's PSS, sampled every 50 ms (what the host must hold
-    when several workers run). This process stays small (the checkpoint is written by a
+    Peak memory is the child's peak RSS (``os.wait4``). With ``workers`` it is the larger
+    of that and the peak of the whole process tree's PSS, sampled every 50 ms (what the
+    host must hold when several workers run). Only then: reading a process's smaps walks
+    its page tables, which for a 4 GiB mapping costs a core a good share of its time and
+    would slow the timed runs. This process stays small (the checkpoint is written by a
     child too), because a child's peak RSS starts from its parent's at fork."""
     out, err = scratch / "child.out", scratch / "child.err"
     peak_tree = [0]
@@ -190,11 +192,13 @@ def run_child(command: list[str], scratch: Path) -> tuple[float, int, str]:
                 peak_tree[0] = max(peak_tree[0], _tree_pss_bytes(proc.pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        if workers:
+            sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
         done.set()
-        sampler.join()
+        if workers:
+            sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} failed ({proc.returncode}):\n"
@@ -222,7 +226,7 @@ def write_checkpoint_in_child(folder: Path, layers: int, dtype: str, shard_bytes
 def kiln_compile(spec: Path, store: Path, workers: int, scratch: Path) -> dict[str, Any]:
     command = [sys.executable, "-m", "kiln", "compile", str(spec), "--store", str(store),
                "--json", "--workers", str(workers)]
-    seconds, rss, stdout = run_child(command, scratch)
+    seconds, rss, stdout = run_child(command, scratch, workers=True)
     report = json.loads(stdout)
     return {"seconds": seconds, "peak_rss": rss, "compiled": report["compiled"],
             "direct_hits": report["direct_hits"], "jobs": report["jobs"]}
