@@ -63,10 +63,28 @@ def decide_layouts(module: torch.nn.Module) -> dict[str, str]:
     return layouts
 
 
+# Output columns per dot of a half-precision weight (see _transposed_linear_forward).
+HALF_DOT_COLUMNS = 4096
+
+
 def _transposed_linear_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """``x @ Wt``. A bfloat16/float16 weight wider than ``HALF_DOT_COLUMNS`` is multiplied a
+    block of output columns at a time: XLA CPU has no half-precision dot, so each weight
+    becomes a float32 temporary first, and blocks keep that temporary to 4096 columns (a
+    Llama's 32000-column lm_head: 33 MB instead of 262 MB live at once). Every output
+    column is the same sum either way."""
     import torch  # noqa: PLC0415
 
-    out = torch.matmul(x, self.weight)
+    weight = self.weight
+    columns = weight.shape[-1]
+    if weight.dtype == torch.float32 or columns <= HALF_DOT_COLUMNS:
+        out = torch.matmul(x, weight)
+    else:
+        blocks = [
+            torch.matmul(x, weight[:, i : i + HALF_DOT_COLUMNS])
+            for i in range(0, columns, HALF_DOT_COLUMNS)
+        ]
+        out = torch.cat(blocks, dim=-1)
     return out if self.bias is None else out + self.bias
 
 

@@ -111,6 +111,31 @@ def test_decoder_graph_with_stored_weights_matches_unconverted_eager(tmp_path: P
     np.testing.assert_allclose(got[0][0], want, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wide_half_precision_linear_in_column_blocks_keeps_the_function(
+    dtype: torch.dtype,
+) -> None:
+    """A bfloat16/float16 lm_head wider than HALF_DOT_COLUMNS multiplies a block of columns
+    at a time (bounding XLA CPU's float32 temporary); the logits stay those of the model."""
+    from pipeline.layout import HALF_DOT_COLUMNS
+
+    config = tiny_llama_config(vocab_size=2 * HALF_DOT_COLUMNS + 100)
+    original = build_model_from_config(config, seed=2).to(dtype)
+    model = apply_layouts_copy(original)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        want, got = original(ids).logits, model(ids).logits
+    assert got.shape == want.shape == (1, 8, config.vocab_size)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def apply_layouts_copy(model: torch.nn.Module) -> torch.nn.Module:
+    converted = copy.deepcopy(model)
+    apply_layouts(converted)
+    return converted
+
+
 def test_tied_lm_head_keeps_its_natural_layout() -> None:
     model = build_model_from_config(tiny_llama_config(tie_word_embeddings=True), seed=0)
     assert model.lm_head.weight is model.model.embed_tokens.weight
