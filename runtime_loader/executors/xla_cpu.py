@@ -5,10 +5,10 @@ Only numpy and jaxlib's native module are used; jaxlib is imported on first use,
 in and out through DLPack). Executables load only in the jaxlib version that compiled them.
 Outputs are read-only numpy views of the result buffers.
 
-DLPack (jaxlib's and numpy's) has no bfloat16: a bfloat16 array goes up as its uint16 bits
-and a one-op executable (``bitcast_convert``, compiled once per shape) turns it into a
-bfloat16 buffer on the device; a bfloat16 result comes back through jaxlib's own
-device-to-numpy copy (an ml_dtypes array).
+numpy's DLPack export has no bfloat16, though DLPack and jaxlib do: a bfloat16 array goes
+up through a capsule built here (dlpack_bf16.py), adopted without a copy like any other;
+a bfloat16 result comes back through jaxlib's own device-to-numpy copy (an ml_dtypes
+array).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from runtime_loader.blob_kind import blob_kind
+from runtime_loader.executors.dlpack_bf16 import bfloat16_capsule
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -136,29 +137,6 @@ class _Capsule:
         return (self._KDL_CPU, 0)
 
 
-_BITCASTS: dict[tuple[int, ...], Any] = {}
-
-
-def _bitcast_to_bfloat16(shape: tuple[int, ...]) -> Any:
-    """A compiled ``uint16[shape] -> bfloat16[shape]`` bitcast (cached per shape)."""
-    with _lock:
-        exe = _BITCASTS.get(shape)
-    if exe is not None:
-        return exe
-    client, device = _cpu()
-    xla = _xla()
-    dims = "x".join(str(d) for d in shape)
-    src, dst = (f"tensor<{dims}x{t}>" if shape else f"tensor<{t}>" for t in ("ui16", "bf16"))
-    program = (
-        f"func.func @main(%arg0: {src}) -> {dst} {{\n"
-        f"  %0 = stablehlo.bitcast_convert %arg0 : ({src}) -> {dst}\n"
-        f"  return %0 : {dst}\n}}\n"
-    )
-    exe = client.compile_and_load(program, xla.DeviceList((device,)), xla.CompileOptions())
-    with _lock:
-        return _BITCASTS.setdefault(shape, exe)
-
-
 # XLA's CPU client adopts a host array without copying only when its data is this aligned;
 # a less aligned one is copied on first use, while the caller still holds the original.
 HOST_ALIGNMENT = 64
@@ -179,9 +157,10 @@ def _aligned_copy(array: np.ndarray) -> np.ndarray:
 def _dlpack_upload(array: np.ndarray) -> Any:
     _, device = _cpu()
     try:
+        capsule = bfloat16_capsule(array) if array.dtype.name == "bfloat16" else array.__dlpack__()
         with _jax_import_blocked():
-            return _xla().dlpack_managed_tensor_to_buffer(array.__dlpack__(), device, None, True)
-    except (BufferError, TypeError) as exc:
+            return _xla().dlpack_managed_tensor_to_buffer(capsule, device, None, True)
+    except (BufferError, TypeError, ValueError) as exc:
         raise ValueError(f"cannot upload a {array.dtype} array to the CPU device: {exc}") from exc
 
 
@@ -191,18 +170,13 @@ class DeviceBuffers:
 
     An aligned float32 (or other DLPack dtype) array is adopted in place, so a memory-mapped
     weight costs its file pages and nothing more; an unaligned one is copied into aligned
-    memory now, so the caller may drop the original's pages at once. bfloat16 is converted
-    on the device (a new buffer)."""
+    memory now, so the caller may drop the original's pages at once. bfloat16, which numpy
+    cannot export through DLPack, goes through a capsule of its own (dlpack_bf16.py), so it
+    is adopted the same way."""
 
     def upload(self, array: np.ndarray) -> DeviceBuffer:
         array = np.asarray(array, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
         shape = tuple(array.shape)
-        if array.dtype.name == "bfloat16":  # by name: ml_dtypes takes a second to import
-            bits = _dlpack_upload(array.view(np.uint16))
-            with _jax_import_blocked():
-                results = _bitcast_to_bfloat16(shape).execute_sharded([bits])
-                ((buf,),) = results.disassemble_into_single_device_arrays()
-            return DeviceBuffer(array=buf, shape=shape, dtype=array.dtype)
         aliases = _aligned(array)
         source = array if aliases else _aligned_copy(array)
         return DeviceBuffer(_dlpack_upload(source), shape, array.dtype, aliases_host=aliases)

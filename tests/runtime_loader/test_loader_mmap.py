@@ -238,3 +238,36 @@ def test_aligned_weights_are_adopted_and_unaligned_ones_copied_at_once(tmp_path:
     view[:] = -1  # the device buffer is its own copy already
     assert np.array_equal(copied.numpy(), unaligned)
     assert np.array_equal(buffers.upload(weights["b"]).numpy(), values["b"])
+
+
+def test_bfloat16_weights_are_adopted_like_float32(tmp_path: Path) -> None:
+    """numpy cannot export bfloat16 through DLPack; Kiln's own capsule (dlpack_bf16.py) lets
+    the CPU client adopt the mapped pages anyway, with the bits unchanged, and the capsule's
+    bookkeeping is dropped when the device lets go of the memory."""
+    import gc
+    import io
+
+    import ml_dtypes
+
+    from pipeline.safetensors_stream import SafetensorsStream, TensorEntry
+    from runtime_loader.executors import dlpack_bf16
+    from runtime_loader.executors.xla_cpu import DeviceBuffers
+
+    values = np.linspace(-3, 3, 4096, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    entries = [TensorEntry("w", "BF16", values.shape)]
+    stream = SafetensorsStream(entries, lambda e: memoryview(values.view(np.uint16).tobytes()))
+    cache = LocalCache(tmp_path / "cache")
+    digest = cache.backend.put(io.BufferedReader(stream)).digest
+    weights = MappedWeights([("w", cache.map(digest))])
+    live = len(dlpack_bf16._LIVE)
+    buffer = DeviceBuffers().upload(weights["w"])
+    assert buffer.aliases_host and buffer.dtype.name == "bfloat16"
+    assert len(dlpack_bf16._LIVE) == live + 1
+    del buffer
+    gc.collect()
+    assert len(dlpack_bf16._LIVE) == live
+    back = DeviceBuffers().upload(weights["w"]).numpy()
+    assert back.dtype.name == "bfloat16"
+    assert np.array_equal(back.view(np.uint16), values.view(np.uint16))
+    with pytest.raises(ValueError, match="C-contiguous bfloat16"):
+        dlpack_bf16.bfloat16_capsule(np.zeros(4, np.float32))
