@@ -43,7 +43,8 @@ def _resolve(ref: str, store: Any, index: str | None) -> tuple[Any, Digest]:
     """(the opened store, the manifest digest `ref` names). A tag with a ref object in a
     store given by URL is read through DeployStore, which never imports SQLAlchemy; an open
     Store, an explicit index, or any other reference goes through Store."""
-    if index is None and (store is None or isinstance(store, str | Path)):
+    by_url = store is None or isinstance(store, str | Path)
+    if index is None and by_url and parse_reference(ref).tag is not None:
         reader = DeployStore.open(str(store) if store else None)
         digest = reader.resolve_tag(ref)
         if digest is not None:
