@@ -15,7 +15,9 @@ from artifacts.digest import canonical_json
 KEY_SCHEMA = 1
 # Bumped whenever the code that wraps a model for tracing changes what is traced.
 # 2: Linear weights stored and traced [in, out] (pipeline.layout).
-GRAPH_BUILDER_VERSION = "2"
+# 3: Linear weights stored [out, in] as the model holds them, traced as a dot contracting
+#    their input dimension (pipeline.layout).
+GRAPH_BUILDER_VERSION = "3"
 
 # Config fields that do not change the computation of a graph.
 NON_ARCHITECTURAL_FIELDS = frozenset(

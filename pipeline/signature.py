@@ -31,7 +31,8 @@ class TensorSpec:
 class ParameterSpec:
     """One HLO parameter. ``name`` is the state-dict name for weights, the graph input
     name for inputs. ``layout`` (weights only) is how the weight is stored: ``natural`` (as
-    the model holds it) or ``transposed`` (pipeline.layout); ``shape`` is the stored shape."""
+    the model holds it; pipeline.layout), or ``transposed`` in releases of graph builder 2;
+    ``shape`` is the stored shape."""
 
     index: int
     name: str

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.errors import TraceError
-from pipeline.layout import stored_layouts
 from pipeline.signature import ParameterKind, ParameterSpec, Signature, TensorSpec
 
 if TYPE_CHECKING:
@@ -309,7 +308,6 @@ def _parameter_specs(
     hlo_params: list[tuple[str, tuple[int, ...]]],
     names_by_id: dict[int, tuple[ParameterKind, str]],
     module_name: str,
-    layouts: dict[str, str],
 ) -> list[ParameterSpec]:
     if len(hlo_params) != len(param_ids):
         raise TraceError(
@@ -326,8 +324,7 @@ def _parameter_specs(
                 "as a buffer or compute it from Python numbers."
             )
         kind, name = names_by_id[tensor_id]
-        layout = layouts.get(name, "natural") if kind == "weight" else "natural"
-        specs.append(ParameterSpec(index, name, dtype, shape, kind, layout))
+        specs.append(ParameterSpec(index, name, dtype, shape, kind))
     return specs
 
 
@@ -391,7 +388,7 @@ def trace_graph(
     param_ids, _ = _XLAC._get_tensors_xla_device_data_node(outputs)
     hlo_params, hlo_results = _program_shape(hlo_proto)
     parameters = _parameter_specs(
-        param_ids, hlo_params, names_by_id, type(module).__name__, stored_layouts(module)
+        param_ids, hlo_params, names_by_id, type(module).__name__
     )
     output_specs = tuple(
         TensorSpec(name, _dtype_name(t.dtype), tuple(t.shape))

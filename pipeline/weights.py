@@ -119,10 +119,8 @@ def weights_stream(
 
     def done(entry: TensorEntry) -> None:
         source = tensors[entry.name]
-        # A contiguous tensor, or the transposed view of one (a stored layout), covers
-        # exactly its own bytes from data_ptr() on.
-        whole = source.is_contiguous() or (source.ndim == 2 and source.T.is_contiguous())
-        if source.device.type == "cpu" and whole:
+        # A contiguous tensor covers exactly its own bytes from data_ptr() on.
+        if source.device.type == "cpu" and source.is_contiguous():
             pages.release(source.data_ptr(), source.numel() * source.element_size())
 
     return SafetensorsStream(entries, read, done)

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.cache_utils import Cache, StaticLayer
 
-from pipeline.layout import apply_layouts
+from pipeline.layout import use_in_place_dots
 
 GraphSpec = tuple[nn.Module, dict[str, torch.Tensor], list[str]]
 
@@ -221,13 +221,13 @@ def build_causal_lm_graphs(model: nn.Module, batch: int, seq: int) -> dict[str, 
     """Both decoder graphs of one bucket: ``{kind: (module, example_inputs, output_names)}``.
 
     ``example_inputs`` are deterministic and in forward-argument order. The two modules share
-    ``model``'s parameters. ``model`` is converted in place to the stored weight layouts
-    (pipeline.layout; it computes the same function).
+    ``model``'s parameters. ``model``'s Linears are converted in place to read their
+    weights in place (pipeline.layout; it computes the same function).
     """
     if batch < 1 or seq < 1:
         raise ValueError(f"bucket must be positive, got batch={batch}, seq={seq}")
     model.eval()
-    apply_layouts(model)
+    use_in_place_dots(model)
     context = ContextEncodingGraph(model)
     token_gen = TokenGenerationGraph(model)
     kv_shape = kv_cache_shape(model, batch, seq)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.layout import apply_layouts
+from pipeline.layout import use_in_place_dots
 
 # Bump whenever this wrapper changes what is traced (part of the direct key).
 GRAPH_BUILDER_VERSION = 2
@@ -44,11 +44,11 @@ def build_encoder_graph(
     """(module, example inputs, output names) for one (batch, seq) bucket.
 
     Example values do not matter to the HLO (inputs are parameters), only shapes and the
-    int64 dtype; they are fixed anyway so a trace is reproducible. ``model`` is converted in
-    place to the stored weight layouts (pipeline.layout; it computes the same function)."""
+    int64 dtype; they are fixed anyway so a trace is reproducible. ``model``'s Linears are
+    converted in place to read their weights in place (pipeline.layout; same function)."""
     if batch < 1 or seq < 1:
         raise ValueError(f"bucket must be positive, got batch={batch} seq={seq}")
-    apply_layouts(model)
+    use_in_place_dots(model)
     graph = EncoderGraph(model).eval()
     example = {
         "input_ids": torch.zeros((batch, seq), dtype=torch.int64),

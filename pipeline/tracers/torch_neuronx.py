@@ -20,7 +20,6 @@ from functools import lru_cache
 from typing import Any
 
 from pipeline.errors import PipelineError, TraceError
-from pipeline.layout import stored_layouts
 from pipeline.signature import ParameterKind, ParameterSpec, Signature, TensorSpec
 from pipeline.trace import TracedGraph, _program_shape
 
@@ -117,7 +116,6 @@ def trace_graph(
         )
     kinds.update({i: ("input", n) for i, n in zip(free, names, strict=True)})
 
-    layouts = stored_layouts(module)
     parameters = tuple(
         ParameterSpec(
             index=i,
@@ -125,7 +123,6 @@ def trace_graph(
             dtype=d,
             shape=s,
             kind=kinds[i][0],
-            layout=layouts.get(kinds[i][1], "natural") if kinds[i][0] == "weight" else "natural",
         )
         for i, (d, s) in enumerate(hlo_params)
     )

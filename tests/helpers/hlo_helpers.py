@@ -1,6 +1,6 @@
 """Read XLA's optimized HLO text: which entry parameters reach a ``transpose`` or ``copy``.
 
-Used by tests to check that stored weight layouts leave no per-call weight transposes.
+Used by tests to check that Linears read their weights in place (no per-call transposes).
 Follows a parameter through ``bitcast`` (free) and into fusion/call computations."""
 
 from __future__ import annotations

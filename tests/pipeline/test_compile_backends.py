@@ -133,7 +133,7 @@ def test_bfloat16_decoder_converts_one_weight_at_a_time(tmp_path: Path) -> None:
     """XLA_FLAGS_KILN in effect: a bfloat16 token_generation graph's scratch memory holds a
     converted float32 weight or two, not every weight's float32 copy at once (what XLA
     CPU's default scheduler did: 3x the weights of the 1.1B Llama at load); and the wide
-    lm_head is converted a block of columns at a time (pipeline/layout.py), so not even
+    lm_head is converted a block of rows at a time (pipeline/layout.py), so not even
     its float32 copy is live whole."""
     import torch
 

@@ -64,7 +64,7 @@ def _hlo(**overrides: Any) -> str:
 
 def test_schema_versions_are_pinned() -> None:
     assert KEY_SCHEMA == 1
-    assert GRAPH_BUILDER_VERSION == "2"  # 2: weight layouts (pipeline.layout)
+    assert GRAPH_BUILDER_VERSION == "3"  # 3: Linears read [out, in] weights in place
 
 
 def test_architecture_digest_is_pinned() -> None:
@@ -78,7 +78,7 @@ def test_architecture_digest_is_pinned() -> None:
 
 
 def test_direct_key_is_pinned() -> None:
-    assert _direct() == ("sha256:5392661faa145559803f3d80727b7040f64ca2ff5d60d359d4a898647511ff00")
+    assert _direct() == ("sha256:7b3770e39860bf7408f05c043a0eb2e7856727473b0fbc00d2487f6aee53629f")
 
 
 def test_hlo_key_is_pinned() -> None:
@@ -97,7 +97,7 @@ def test_weights_key_is_pinned() -> None:
         source={"task": "encoder", "files": {"model.safetensors": "sha256:" + "cd" * 32}},
         dtype="float32",
     )
-    assert key == "sha256:0f2a111d950fda18ca191dbef5625718f92f66c48214997fa2461b199279df84"
+    assert key == "sha256:bb068aabae969877b4598321f849c912b691f3d7e273c748a8bcc7538877421f"
 
 
 # --- what changes a key, and what does not -------------------------------------------------
@@ -142,7 +142,7 @@ def test_every_direct_key_input_counts() -> None:
         _direct(compiler="neuronx-cc"),
         _direct(compiler_version="jaxlib-0.7.1"),
         _direct(target="inf2"),
-        _direct(builder_version="3"),
+        _direct(builder_version="4"),
         _direct(flags=[]),
         _direct(flags=["-O3"]),
         _direct(flags=["-O2", "--foo"]),
@@ -176,7 +176,7 @@ def test_weights_key_inputs_count() -> None:
     base = weights_key(source=source, dtype="float32")
     assert weights_key(source={**source, "seed": 1}, dtype="float32") != base
     assert weights_key(source=source, dtype="bfloat16") != base
-    assert weights_key(source=source, dtype="float32", builder_version="3") != base
+    assert weights_key(source=source, dtype="float32", builder_version="4") != base
 
 
 # --- insertion order never matters ---------------------------------------------------------

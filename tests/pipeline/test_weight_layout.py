@@ -1,11 +1,13 @@
-"""Stored weight layouts (pipeline.layout): no per-call weight transposes or copies remain in
-the optimized xla-cpu HLO, the layout is recorded in the signature, and outputs still match
-eager transformers on an unconverted copy of the model."""
+"""Linears read their weights in place (pipeline.layout): no per-call weight transposes or
+copies remain in the optimized xla-cpu HLO, weights are stored ``[out, in]`` as the
+checkpoint holds them (recorded in the signature), and outputs still match eager
+transformers on an unconverted copy of the model."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +25,7 @@ from pipeline.graphs.causal_lm import (  # noqa: E402
     tiny_llama_config,
 )
 from pipeline.graphs.encoder import build_encoder_graph  # noqa: E402
-from pipeline.layout import (  # noqa: E402
-    NATURAL,
-    TRANSPOSED,
-    apply_layouts,
-    decide_layouts,
-    stored_layouts,
-    stored_tensor,
-)
+from pipeline.layout import NATURAL, use_in_place_dots  # noqa: E402
 from pipeline.signature import Signature  # noqa: E402
 from pipeline.trace import TracedGraph, trace_graph  # noqa: E402
 from runtime_loader.executors.xla_cpu import DeviceBuffers, XlaCpuExecutable  # noqa: E402
@@ -59,23 +54,26 @@ def test_decoder_graphs_read_every_weight_in_place(kind: str, tmp_path: Path) ->
     exe = _compile(traced, tmp_path)
 
     assert _weight_moves(traced, exe) == {}
-    layouts = {p.name: p.layout for p in traced.signature.parameters if p.kind == "weight"}
-    linear = {n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert {n for n, lay in layouts.items() if lay == TRANSPOSED} == {f"{n}.weight" for n in linear}
-    q = next(p for p in traced.signature.parameters if p.name.endswith("0.self_attn.q_proj.weight"))
-    assert q.shape == (64, 64) and q.layout == TRANSPOSED
-    gate = next(p for p in traced.signature.parameters if p.name.endswith("0.mlp.gate_proj.weight"))
-    assert gate.shape == (64, 128)  # [in=hidden, out=intermediate]
+    weights = [p for p in traced.signature.parameters if p.kind == "weight"]
+    assert {p.layout for p in weights} == {NATURAL}
+    gate = next(p for p in weights if p.name.endswith("0.mlp.gate_proj.weight"))
+    assert gate.shape == (128, 64)  # [out=intermediate, in=hidden], as the checkpoint has it
+    # Each Linear is one dot contracting the weight's own input dimension (for one token,
+    # XLA CPU's row-major matrix-vector product); only attention's dots have batch dims.
+    dots = [line for line in exe.optimized_hlo().splitlines() if " dot(" in line]
+    weight_dots = re.findall(r"rhs_contracting_dims=\{(\d)\}", "\n".join(
+        line for line in dots if "batch_dims" not in line))
+    linears = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert weight_dots == ["1"] * len(linears)
 
 
 def test_untransformed_trace_is_caught_by_the_hlo_check(tmp_path: Path) -> None:
-    """The check above can fail: tracing the torch layout leaves a transpose per Linear."""
+    """The check above can fail: tracing torch's own Linear leaves a transpose per weight."""
     from pipeline.graphs.causal_lm import TokenGenerationGraph
 
     model = build_model_from_config(tiny_llama_config(), seed=0)
     reference = build_causal_lm_graphs(copy.deepcopy(model), 1, 16)["token_generation"]
     traced = trace_graph(TokenGenerationGraph(model), reference[1], reference[2])
-    assert all(p.layout == NATURAL for p in traced.signature.parameters)
     moved = _weight_moves(traced, _compile(traced, tmp_path))
     assert any(name.endswith("q_proj.weight") for name in moved)
 
@@ -115,13 +113,13 @@ def test_decoder_graph_with_stored_weights_matches_unconverted_eager(tmp_path: P
 def test_wide_half_precision_linear_in_column_blocks_keeps_the_function(
     dtype: torch.dtype,
 ) -> None:
-    """A bfloat16/float16 lm_head wider than HALF_DOT_COLUMNS multiplies a block of columns
-    at a time (bounding XLA CPU's float32 temporary); the logits stay those of the model."""
-    from pipeline.layout import HALF_DOT_COLUMNS
+    """A bfloat16/float16 lm_head with more than HALF_DOT_ROWS outputs multiplies a block of
+    rows at a time (bounding XLA CPU's float32 temporary); the logits stay the model's."""
+    from pipeline.layout import HALF_DOT_ROWS
 
-    config = tiny_llama_config(vocab_size=2 * HALF_DOT_COLUMNS + 100)
+    config = tiny_llama_config(vocab_size=2 * HALF_DOT_ROWS + 100)
     original = build_model_from_config(config, seed=2).to(dtype)
-    model = apply_layouts_copy(original)
+    model = converted_copy(original)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         want, got = original(ids).logits, model(ids).logits
@@ -130,47 +128,40 @@ def test_wide_half_precision_linear_in_column_blocks_keeps_the_function(
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def apply_layouts_copy(model: torch.nn.Module) -> torch.nn.Module:
+def converted_copy(model: torch.nn.Module) -> torch.nn.Module:
     converted = copy.deepcopy(model)
-    apply_layouts(converted)
+    use_in_place_dots(converted)
     return converted
 
 
-def test_tied_lm_head_keeps_its_natural_layout() -> None:
-    model = build_model_from_config(tiny_llama_config(tie_word_embeddings=True), seed=0)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    layouts = decide_layouts(model)
-    assert "lm_head.weight" not in layouts and "model.embed_tokens.weight" not in layouts
-    assert layouts["model.layers.0.self_attn.q_proj.weight"] == TRANSPOSED
-    apply_layouts(model)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert tuple(model.lm_head.weight.shape) == (256, 64)
-
-
-def test_apply_layouts_is_idempotent_and_keeps_the_function() -> None:
-    original = build_model_from_config(tiny_llama_config(), seed=1)
+def test_conversion_keeps_weights_ties_and_the_function() -> None:
+    """Converting changes how Linears compute, not what they hold: every weight is the same
+    tensor (no copy), a tied lm_head stays tied, converting twice is converting once, and the
+    logits are the unconverted model's."""
+    original = build_model_from_config(tiny_llama_config(tie_word_embeddings=True), seed=1)
     model = copy.deepcopy(original)
-    first = apply_layouts(model)
-    q = model.model.layers[0].self_attn.q_proj.weight
-    assert apply_layouts(model) == first == stored_layouts(model)
-    assert model.model.layers[0].self_attn.q_proj.weight is q  # not transposed twice
+    before = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    use_in_place_dots(model)
+    cls = type(model.model.layers[0].self_attn.q_proj)
+    use_in_place_dots(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is cls
+    assert {name: t.data_ptr() for name, t in model.state_dict().items()} == before
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, original(ids).logits)
 
 
-def test_stored_tensor_for_torch_and_numpy() -> None:
-    w = torch.arange(6.0).reshape(2, 3)
-    t = stored_tensor("w", w, TRANSPOSED)
-    assert t.shape == (3, 2) and t.is_contiguous() and torch.equal(t, w.T)
-    a = np.arange(6.0).reshape(2, 3)
-    n = stored_tensor("w", a, TRANSPOSED)
-    assert n.shape == (3, 2) and n.flags.c_contiguous and np.array_equal(n, a.T)
-    assert stored_tensor("w", a, NATURAL) is a
-    with pytest.raises(ValueError, match="weight b: layout transposed needs a 2-D"):
-        stored_tensor("b", np.zeros(3), TRANSPOSED)
-    with pytest.raises(ValueError, match="weight w: unknown layout 'sideways'"):
-        stored_tensor("w", a, "sideways")
+def test_stored_weights_are_the_checkpoint_tensors(tmp_path: Path) -> None:
+    """Every weight parameter of a traced graph has its checkpoint shape: nothing is
+    transposed on the way into the store."""
+    model = build_model_from_config(tiny_llama_config(), seed=0)
+    named = [*model.named_parameters(), *model.named_buffers()]
+    shapes = {name: tuple(t.shape) for name, t in named}
+    module, inputs, outputs = build_causal_lm_graphs(model, 1, 8)["token_generation"]
+    parameters = trace_graph(module, inputs, outputs).signature.parameters
+    weights = [p for p in parameters if p.kind == "weight"]
+    assert weights and all(p.shape == shapes[p.name.removeprefix("model.")] for p in weights)
 
 
 def test_layout_round_trips_through_signature_json() -> None:
@@ -179,12 +170,16 @@ def test_layout_round_trips_through_signature_json() -> None:
     signature = trace_graph(module, inputs, outputs).signature
     data = signature.to_json()
     weights = [p for p in data["parameters"] if p["kind"] == "weight"]
-    assert {p["layout"] for p in weights} == {NATURAL, TRANSPOSED}
+    assert {p["layout"] for p in weights} == {NATURAL}
     assert all("layout" not in p for p in data["parameters"] if p["kind"] == "input")
     assert Signature.from_json(data) == signature
     legacy = {**data, "parameters": [{k: v for k, v in p.items() if k != "layout"}
                                      for p in data["parameters"]]}
     assert {p.layout for p in Signature.from_json(legacy).parameters} == {NATURAL}
+    # graph builder 2 recorded transposed weights; such signatures still read back
+    builder2 = {**data, "parameters": [{**p, "layout": "transposed"} if p["kind"] == "weight"
+                                       else p for p in data["parameters"]]}
+    assert Signature.from_json(builder2).to_json() == builder2
 
 
 def test_fine_tunes_share_the_traced_graph() -> None:
