@@ -110,20 +110,22 @@ def test_decoder_graph_with_stored_weights_matches_unconverted_eager(tmp_path: P
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_wide_half_precision_linear_in_column_blocks_keeps_the_function(
-    dtype: torch.dtype,
-) -> None:
-    """A bfloat16/float16 lm_head with more than HALF_DOT_ROWS outputs multiplies a block of
-    rows at a time (bounding XLA CPU's float32 temporary); the logits stay the model's."""
-    from pipeline.layout import HALF_DOT_ROWS
+@pytest.mark.parametrize("batch,seq", [(1, 1), (2, 8), (2, 80)])
+def test_half_precision_linears_keep_the_function(dtype: torch.dtype, batch: int, seq: int) -> None:
+    """Half-precision Linears run as a fused multiply-reduce over one row or up to
+    HALF_REDUCE_MAX_ROWS rows, and as dots over blocks of HALF_DOT_ROWS output rows beyond
+    (a wide lm_head); the logits stay the model's either way."""
+    from pipeline.layout import HALF_DOT_ROWS, HALF_REDUCE_MAX_ROWS
 
     config = tiny_llama_config(vocab_size=2 * HALF_DOT_ROWS + 100)
     original = build_model_from_config(config, seed=2).to(dtype)
     model = converted_copy(original)
-    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    seed = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=seed)
+    assert (batch * seq > HALF_REDUCE_MAX_ROWS) == (seq == 80)
     with torch.no_grad():
         want, got = original(ids).logits, model(ids).logits
-    assert got.shape == want.shape == (1, 8, config.vocab_size)
+    assert got.shape == want.shape == (batch, seq, config.vocab_size)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
