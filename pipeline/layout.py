@@ -27,7 +27,7 @@ NATURAL = "natural"  # the layout every weight is stored in: as the model holds 
 
 # Half-precision Linears over at most this many rows (batch x positions) run as a fused
 # multiply-reduce, wider ones as dots of HALF_DOT_ROWS output rows at a time.
-HALF_REDUCE_MAX_ROWS = 128
+HALF_REDUCE_MAX_ROWS = 16
 HALF_DOT_ROWS = 4096
 
 
@@ -38,11 +38,17 @@ def _in_place_linear_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     half-precision dot: it converts the whole bfloat16/float16 weight to a float32
     temporary first, then multiplies (about 1 Gparam/s). So for up to
     ``HALF_REDUCE_MAX_ROWS`` rows the product is written as a multiply and a row-wise sum in
-    float32, which XLA fuses into one loop that converts each weight element as it reads it:
-    no temporary, and about 7x the speed on one token. Wider inputs use dots over blocks of
+    float32, which XLA fuses into one kernel that converts each weight element as it reads
+    it: about 7x the speed on one token. Wider inputs use dots over blocks of
     ``HALF_DOT_ROWS`` output rows, keeping the temporary to 4096 rows (a Llama's 32000-row
     lm_head: 33 MB instead of 262 MB live at once). Each output is the same float32 sum of
-    products, rounded once to the weight's dtype, as torch's own half-precision Linear."""
+    products, rounded once to the weight's dtype, as torch's own half-precision Linear.
+
+    Why only a few rows: XLA shares the input's broadcast ``[out, rows, in]`` between
+    Linears of one width reading one input (k and v) and sometimes materializes it, so the
+    graph's scratch grows with the rows (the 1.1B Llama: 2 MiB a row, 33 MiB at 16, 266 MiB
+    at 128). In float32, where no convert separates the broadcast from its producer, it
+    materialized gate and up's too (704 MiB at 16 rows), so float32 Linears stay dots."""
     import torch  # noqa: PLC0415
 
     weight = self.weight

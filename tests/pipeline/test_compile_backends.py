@@ -129,12 +129,14 @@ def test_xla_cpu_executable_runs_in_a_jaxlib_only_process(small_graph, tmp_path:
     assert outs[1].dtype == np.int64 and outs[1].tolist() == (ids * 3 + 1).tolist()
 
 
-def test_bfloat16_decoder_converts_one_weight_at_a_time(tmp_path: Path) -> None:
-    """XLA_FLAGS_KILN in effect: a bfloat16 token_generation graph's scratch memory holds a
-    converted float32 weight or two, not every weight's float32 copy at once (what XLA
-    CPU's default scheduler did: 3x the weights of the 1.1B Llama at load); and the wide
-    lm_head is converted a block of rows at a time (pipeline/layout.py), so not even
-    its float32 copy is live whole."""
+@pytest.mark.parametrize("kind", ["token_generation", "context_encoding"])
+def test_bfloat16_decoder_converts_one_weight_at_a_time(kind: str, tmp_path: Path) -> None:
+    """XLA_FLAGS_KILN in effect: a bfloat16 decoder graph's scratch memory (one token, or a
+    16-row context) holds a converted float32 weight or two, not every weight's float32
+    copy at once (what XLA CPU's default scheduler did: 3x the weights of the 1.1B Llama at
+    load); and the Linears' multiply-reduce form (pipeline/layout.py) materializes no
+    float32 weight or broadcast input, so not even the wide lm_head's float32 copy is live
+    whole."""
     import torch
 
     from pipeline.graphs.causal_lm import (
@@ -149,7 +151,7 @@ def test_bfloat16_decoder_converts_one_weight_at_a_time(tmp_path: Path) -> None:
         hidden_size=256, intermediate_size=512, num_hidden_layers=4, vocab_size=16384
     )
     model = build_model_from_config(config).to(torch.bfloat16)
-    module, inputs, outputs = build_causal_lm_graphs(model, 1, 16)["token_generation"]
+    module, inputs, outputs = build_causal_lm_graphs(model, 1, 16)[kind]
     traced = trace_graph(module, inputs, outputs)
     result = get_compiler("xla-cpu").compile(traced.hlo_proto, "cpu", (), tmp_path, 300)
     loaded = XlaCpuExecutable.load(result.executable)._loaded
