@@ -8,8 +8,6 @@ import torch
 
 from pipeline.layout import use_in_place_dots
 
-# Bump whenever this wrapper changes what is traced (part of the direct key).
-GRAPH_BUILDER_VERSION = 2
 GRAPH_KIND = "encode"
 INPUT_NAMES = ("input_ids", "attention_mask")
 
