@@ -48,7 +48,9 @@ def _in_place_linear_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     Linears of one width reading one input (k and v) and sometimes materializes it, so the
     graph's scratch grows with the rows (the 1.1B Llama: 2 MiB a row, 33 MiB at 16, 266 MiB
     at 128). In float32, where no convert separates the broadcast from its producer, it
-    materialized gate and up's too (704 MiB at 16 rows), so float32 Linears stay dots."""
+    materialized gate and up's too (704 MiB at 16 rows), so float32 Linears stay dots.
+    Eager torch always materializes those products: Kiln only traces this forward (tests
+    run it eagerly on small models)."""
     import torch  # noqa: PLC0415
 
     weight = self.weight
