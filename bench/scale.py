@@ -317,11 +317,14 @@ def _gib(size: float) -> str:
     return f"{size / (1 << 30):.2f} GiB"
 
 
-def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
+def figures(results: dict[str, Any], dtype: str) -> list[dict[str, Any]]:
     """Every figure with its baseline, their ratio, and the issue's goal for it: (">=", x) or
-    ("<=", x) on the ratio (or on the value itself, for the warm compile's seconds)."""
+    ("<=", x) on the ratio (or on the value itself, for the warm compile's seconds). Decode
+    speed is judged in float32 only; eager's own share of the bound shows how far above
+    eager any implementation could go on this machine."""
     r = results
     w = r["weight_bytes"]
+    judged = dtype == "float32"
     rows = [
         ("cold compile, 2 workers (s)", r["cold_w2"]["seconds"],
          "cold compile, 1 worker", r["cold_w1"]["seconds"], None),
@@ -337,9 +340,13 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
          "eager from_pretrained + first token", r["eager"]["first_token_s"],
          ("<=", FIRST_TOKEN_WARM_GOAL)),
         ("decode tokens/s", r["loader_warm"]["decode_tok_s"],
-         "eager generate() tokens/s", r["eager"]["decode_tok_s"], (">=", DECODE_GOAL_EAGER)),
+         "eager generate() tokens/s", r["eager"]["decode_tok_s"],
+         (">=", DECODE_GOAL_EAGER) if judged else None),
         ("decode tokens/s", r["loader_warm"]["decode_tok_s"],
-         "bandwidth bound tokens/s", r["bound_tok_s"], (">=", DECODE_GOAL_BOUND)),
+         "bandwidth bound tokens/s", r["bound_tok_s"],
+         (">=", DECODE_GOAL_BOUND) if judged else None),
+        ("eager generate() tokens/s", r["eager"]["decode_tok_s"],
+         "bandwidth bound tokens/s", r["bound_tok_s"], None),
         ("peak memory, cold compile 1 worker", r["cold_w1"]["peak_rss"],
          "weight bytes", w, ("<=", COMPILE_MEMORY_GOAL)),
         ("peak memory, cold compile 2 workers", r["cold_w2"]["peak_rss"],
@@ -415,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    rows = figures(results)
+    rows = figures(results, args.dtype)
     settings = {"layers": args.layers, "dtype": args.dtype, "seq": args.seq,
                 "context": args.context,
                 "tokens": args.tokens, "cores": os.cpu_count()}
