@@ -3,10 +3,12 @@
 torch's ``nn.Linear`` keeps its weight ``[out, in]`` and computes ``x @ W.T``. Traced as is,
 torch-xla emits ``transpose(W)`` + ``dot``, and the optimized XLA CPU module moves every
 weight through a ``transpose`` + ``copy`` on every call (a decode step then moves about three
-times the weight bytes). Here every Linear computes the same function as a ``dot_general``
-that contracts the weight's own input dimension (``einsum("bk,nk->bn")``): the HLO parameter
-is the stored tensor, ``[out, in]`` as in the checkpoint, and feeds the dot directly. XLA CPU
-runs that as a row-major matrix-vector product, its fastest gemv (bench/scale.py, decode).
+times the weight bytes). Here every Linear computes the same function from the stored
+tensor, ``[out, in]`` as in the checkpoint, which is the HLO parameter and feeds the
+computation directly: a ``dot_general`` contracting the weight's own input dimension
+(``einsum("bk,nk->bn")``; for one token XLA CPU's row-major matrix-vector product, its
+fastest gemv), or, for a half-precision weight and a few rows, a fused float32
+multiply-reduce (``_in_place_linear_forward`` says which, and why).
 
 Graph builder 2 stored these weights transposed (``[in, out]``, layout ``transposed`` in
 older signatures; those releases still load, since the loader binds weights by name). Its
@@ -86,7 +88,8 @@ class _InPlaceLinear:
 
 def use_in_place_dots(module: torch.nn.Module) -> None:
     """Convert every ``nn.Linear`` in ``module`` (in place, idempotent) to compute its function
-    as a dot that reads the weight where it is. No weight is copied or changed."""
+    reading the weight where it is (``_in_place_linear_forward``). No weight is copied or
+    changed."""
     from torch import nn  # noqa: PLC0415
 
     for _, sub in module.named_modules(remove_duplicate=False):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pipeline.layout import NATURAL
+
 ParameterKind = Literal["input", "weight"]
 _KINDS = ("input", "weight")
 
@@ -39,7 +41,7 @@ class ParameterSpec:
     dtype: str
     shape: tuple[int, ...]
     kind: ParameterKind
-    layout: str = "natural"
+    layout: str = NATURAL
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -65,7 +67,7 @@ class ParameterSpec:
             dtype=str(data["dtype"]),
             shape=tuple(int(d) for d in data["shape"]),
             kind=data["kind"],
-            layout=str(data.get("layout", "natural")),
+            layout=str(data.get("layout", NATURAL)),
         )
 
 

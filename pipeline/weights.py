@@ -5,7 +5,7 @@ the pages of each are given back once its bytes are written (pipeline.mapped_pag
 host memory holds about one tensor, not the model.
 
 Each tensor passes through an optional dtype cast and a per-tensor `transform(name, tensor)`
-(e.g. a layout change) on its way into the store; neither the state dict nor a file's bytes
+(a per-tensor rewrite) on its way into the store; neither the state dict nor a file's bytes
 is ever held whole. Weights bigger than `max_blob_bytes` become several blobs
 (model-0000N-of-0000M.safetensors), so pulls fetch and resume them independently.
 
