@@ -95,6 +95,7 @@ class NoopRecord:
                 for r in self.releases
             ],
             "not_released": [],
+            "weights_stored": 0,
             "items": [i.report_json() for i in self.items],
         }
 

@@ -79,6 +79,7 @@ class RunReport:
     releases: list[Published] = field(default_factory=list)
     not_released: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    weights_stored: int = 0  # models whose weights this run read and streamed into the store
 
     def count(self, status: ItemStatus) -> int:
         return sum(1 for i in self.items if i.status == status)
@@ -101,6 +102,7 @@ class RunReport:
                 for p in self.releases
             ],
             "not_released": self.not_released,
+            "weights_stored": self.weights_stored,
             "items": [i.to_json() for i in self.items],
         }
 
@@ -242,6 +244,7 @@ class Runner:
             return
         if outcome.weights is not None:
             plan.weights = outcome.weights
+            self.report.weights_stored += 1
         for job, message in outcome.failed:
             self._finish(ItemResult(job, FAILED, error=message))
         for traced in outcome.traced:

@@ -10,8 +10,8 @@ is ever held whole. Weights bigger than `max_blob_bytes` become several blobs
 (model-0000N-of-0000M.safetensors), so pulls fetch and resume them independently.
 
 The index maps a weights key to one blob: the safetensors file itself, or, for several, a
-small "weights set" record listing them (told apart by its first bytes: a safetensors file
-starts with an 8-byte header length, never with '{').
+small "weights set" record listing them (artifacts.weights_set; told apart by its first
+bytes: a safetensors file starts with an 8-byte header length, never with '{').
 """
 
 from __future__ import annotations
@@ -21,22 +21,19 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from artifacts.digest import Digest, canonical_json
+from artifacts.digest import Digest
 from artifacts.store import Store
+from artifacts.weights_set import WEIGHTS_SET_PREFIX, WeightBlobs, weights_set_document
 from pipeline.mapped_pages import MappedPages
 from pipeline.safetensors_stream import SafetensorsStream, TensorEntry, split
 
 if TYPE_CHECKING:
     import torch
 
-WEIGHTS_SET_MEDIA_TYPE = "application/vnd.kiln.weights-set.v1+json"
 MAX_BLOB_ENV = "KILN_WEIGHTS_BLOB_BYTES"
 DEFAULT_MAX_BLOB_BYTES = 2 << 30
 SINGLE_NAME = "model.safetensors"
-_SET_PREFIX = b'{"mediaType"'
 
-# (digest, size, file name) of each safetensors blob of one set of weights.
-WeightBlobs = tuple[tuple[str, int, str], ...]
 Transform = Callable[[str, "torch.Tensor"], "torch.Tensor"]
 
 _ST_DTYPES = {
@@ -148,11 +145,7 @@ def store_weights(
     if len(blobs) == 1:
         digest, size = blobs[0][0], blobs[0][1]
     else:
-        record = {
-            "mediaType": WEIGHTS_SET_MEDIA_TYPE,
-            "weights": [{"digest": d, "size": s, "name": n} for d, s, n in blobs],
-        }
-        put = store.put_bytes(canonical_json(record), kind="weights-set")
+        put = store.put_bytes(weights_set_document(blobs), kind="weights-set")
         digest, size = str(put.digest), put.size
     store.record_weights(key, digest, size)
     return tuple(blobs)
@@ -166,8 +159,8 @@ def recorded_weights(store: Store, digest: str, size: int) -> WeightBlobs | None
     if store.blob_kind(digest) == "weights":
         return ((digest, size, SINGLE_NAME),)
     with store.open_blob(parsed) as reader:  # kind unknown (e.g. an older index): look
-        head = reader.read(len(_SET_PREFIX))
-        if head != _SET_PREFIX:
+        head = reader.read(len(WEIGHTS_SET_PREFIX))
+        if head != WEIGHTS_SET_PREFIX:
             return ((digest, size, SINGLE_NAME),)
         data = head + reader.read()
     record: dict[str, Any] = json.loads(data)

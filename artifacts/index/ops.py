@@ -26,8 +26,9 @@ from artifacts.index.models import (
     TagRow,
     WeightsRow,
 )
-from artifacts.manifest import WEIGHTS_KEY_ANNOTATION, Release
+from artifacts.manifest import WEIGHTS_KEY_ANNOTATION, BlobRef, Release
 from artifacts.records import RunRecord, RunStatus, TagEvent
+from artifacts.weights_set import weights_set_digest
 
 
 def insert_ignore(conn: Connection, table: Table, rows: Iterable[dict[str, Any]]) -> None:
@@ -101,6 +102,20 @@ def record_recipes(conn: Connection, release: Release) -> None:
     if key and len(release.source.weights) == 1:
         weights = release.source.weights[0]
         record_weights(conn, key, str(weights.digest), weights.size)
+    weights_set = _stored_weights_set(conn, release)
+    if key and weights_set is not None:
+        record_weights(conn, key, str(weights_set.digest), weights_set.size)
+
+
+def _stored_weights_set(conn: Connection, release: Release) -> BlobRef | None:
+    """The weights-set record of a release whose weights are several blobs, if the index
+    holds it: a release references it, so gc keeps it while the release lives, and reindex
+    (which indexes every blob before any release) ties it to the release again."""
+    digest = weights_set_digest(release)
+    if digest is None:
+        return None
+    size = conn.execute(select(BlobRow.size).where(BlobRow.digest == str(digest))).scalar()
+    return None if size is None else BlobRef(digest, int(size))
 
 
 def index_release(conn: Connection, digest: Digest, size: int, release: Release) -> None:
@@ -128,6 +143,9 @@ def index_release(conn: Connection, digest: Digest, size: int, release: Release)
     for role, ref in release.blob_refs():
         roles.setdefault(str(ref.digest), role)
     record_recipes(conn, release)
+    weights_set = _stored_weights_set(conn, release)
+    if weights_set is not None:
+        roles.setdefault(str(weights_set.digest), "weights-set")
     insert_ignore(
         conn,
         ManifestBlobRow.__table__,  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from artifacts.digest import Digest
 from artifacts.store import Store
 from tests.helpers.pipeline_helpers import (
     MICRO_LLAMA,
@@ -132,3 +133,31 @@ def test_checkpoint_missing_a_tensor_fails_naming_it(tmp_path: Path) -> None:
     (error,) = errors
     assert "has no tensor model.norm.weight" in error and "\n" not in error
     assert blob_count(tmp_path / "store", "weights") == 0
+
+
+@pytest.mark.parametrize("after", ["gc", "reindex"])
+def test_several_weight_blobs_stay_reusable_after_gc_and_reindex(
+    tmp_path: Path, after: str
+) -> None:
+    """A release's weights-set record (what maps its weights key to several blobs) lives as
+    long as the release: neither `kiln gc` nor `kiln reindex` makes a warm compile of the
+    unchanged spec read and store the weights again (`--recheck`: past the no-op shortcut,
+    which needs only the release's own blobs)."""
+    _save(tmp_path / "ckpt", shard="20KB")
+    store = tmp_path / "store"
+    spec = _spec(tmp_path / "s.yaml", "kept", tmp_path / "ckpt")
+    first = compile_json(spec, store, workers=1, env=SMALL_BLOBS)
+    assert first["failed"] == 0 and first["weights_stored"] == 1
+    assert blob_count(store, "weights-set") == 1
+    if after == "gc":
+        proc = kiln("gc", "--min-age-hours", "0", "--grace-days", "0", store=store)
+    else:
+        proc = kiln("reindex", store=store)
+    assert proc.returncode == 0, proc.stderr
+    with Store.open(str(store)) as opened:
+        _, rel = release(store, "kept:latest")
+        entry = opened.weights_entry(rel.annotations["io.kiln.weights_key"])
+        assert entry is not None and opened.backend.stat(Digest.parse(entry.digest)) is not None
+    again = compile_json(spec, store, "--recheck", workers=1, env=SMALL_BLOBS)
+    assert again["direct_hits"] == again["jobs"] and again["releases"][0]["unchanged"]
+    assert again["weights_stored"] == 0

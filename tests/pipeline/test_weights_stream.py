@@ -20,9 +20,9 @@ from safetensors.torch import save as st_save
 
 from artifacts.digest import Digest
 from artifacts.store import Store
+from artifacts.weights_set import WEIGHTS_SET_MEDIA_TYPE
 from pipeline.safetensors_stream import SafetensorsStream, TensorEntry, split
 from pipeline.weights import (
-    WEIGHTS_SET_MEDIA_TYPE,
     plan_entries,
     recorded_weights,
     store_weights,
