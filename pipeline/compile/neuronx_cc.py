@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ NEFF_FILE = "model.neff"
 LOG_FILE = "log-neuron-cc.txt"
 _VERSION_PREFIX = "NeuronX Compiler version"
 _OOM_MARKER = "[F137]"
+_GUARD = Path(__file__).with_name("process_guard.py")
 
 
 def is_available() -> bool:
@@ -99,9 +101,10 @@ class NeuronxCcCompiler:
         (workdir / HLO_FILE).write_bytes(hlo_proto)
         cmd = self.command(target, flags)
         start = time.monotonic()
-        # Own process group: a timeout kills the compiler and every helper it spawned.
+        # Its own process group, led by the guard: a timeout, an interrupt or this
+        # process's death kills the compiler and every helper it spawned.
         proc = subprocess.Popen(
-            cmd,
+            [sys.executable, "-I", str(_GUARD), str(os.getpid()), *cmd],
             cwd=workdir,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -114,6 +117,11 @@ class NeuronxCcCompiler:
             _kill_group(proc)
             out, _ = proc.communicate()
             timed_out = True
+        except BaseException:
+            _kill_group(proc)
+            raise
+        if proc.returncode is not None and proc.returncode < 0:
+            _kill_group(proc)  # helpers left behind by a compiler that was killed
         seconds = time.monotonic() - start
         log = self._log(workdir, out)
         rc = proc.returncode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -338,3 +339,48 @@ def test_neuronx_cc_missing_is_a_clear_error(
     with pytest.raises(BackendUnavailableError, match="Neuron SDK") as info:
         NeuronxCcCompiler().compile(b"hlo", "inf2", (), tmp_path, 10)
     assert info.value.reason == "unavailable"
+
+
+WORKER = """
+import os, sys
+from pathlib import Path
+from pipeline.compile.neuronx_cc import NeuronxCcCompiler
+os.environ["KILN_FAKE_NEURONX_CC"] = "sleep"
+NeuronxCcCompiler().compile(b"hlo", "trn1", [], Path(sys.argv[1]), 600)
+"""
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_neuronx_cc_dies_with_the_worker_that_started_it(
+    fake_neuronx_cc: NeuronxCcCompiler, tmp_path: Path, how: signal.Signals
+) -> None:
+    """A worker killed outright (the OOM killer, kill -9) or interrupted mid-compile leaves
+    no compiler behind: the fake neuronx-cc and the helper it started both end."""
+    workdir = tmp_path / "w"
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(workdir)], cwd=REPO)
+    pid_file = workdir / "child.pid"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (pid_file.is_file() and pid_file.read_text()):
+        time.sleep(0.05)
+    helper = int(pid_file.read_text())
+    compiler = [p for p in _processes() if "neuronx-cc" in p[1] and p[0] != worker.pid]
+    assert compiler and _alive(helper)
+    worker.send_signal(how)
+    worker.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    pids = [helper, *(pid for pid, _ in compiler)]
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    assert not [p for p in pids if _alive(p)], "the compiler outlived its worker"
+
+
+def _processes() -> list[tuple[int, str]]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            out.append((int(entry.name), cmdline))
+    return out
