@@ -17,7 +17,13 @@ KEY_SCHEMA = 1
 # 2: Linear weights stored and traced [in, out] (pipeline.layout).
 # 3: Linear weights stored [out, in] as the model holds them, traced as a dot contracting
 #    their input dimension (pipeline.layout).
-GRAPH_BUILDER_VERSION = "3"
+# 4: float32 Linears over several rows traced with the weight as the dot's left operand,
+#    behind an optimization barrier (pipeline.layout); the stored weights are unchanged.
+GRAPH_BUILDER_VERSION = "4"
+# The graph builder version at which the stored weights last changed: a weights key keeps
+# it, so a builder change that leaves the weights alone does not make every model's weights
+# read and stored again.
+WEIGHTS_BUILDER_VERSION = "3"
 
 # Config fields that do not change the computation of a graph.
 NON_ARCHITECTURAL_FIELDS = frozenset(
@@ -114,7 +120,7 @@ def hlo_key(
 
 
 def weights_key(
-    *, source: Mapping[str, Any], dtype: str, builder_version: str = GRAPH_BUILDER_VERSION
+    *, source: Mapping[str, Any], dtype: str, builder_version: str = WEIGHTS_BUILDER_VERSION
 ) -> str:
     """Identifies one set of weights as the graphs name them (file digests or config + seed)."""
     return _sha256(

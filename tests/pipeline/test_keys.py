@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pipeline.keys import (
     GRAPH_BUILDER_VERSION,
     KEY_SCHEMA,
+    WEIGHTS_BUILDER_VERSION,
     architecture_config,
     architecture_digest,
     direct_key,
@@ -64,7 +65,8 @@ def _hlo(**overrides: Any) -> str:
 
 def test_schema_versions_are_pinned() -> None:
     assert KEY_SCHEMA == 1
-    assert GRAPH_BUILDER_VERSION == "3"  # 3: Linears read [out, in] weights in place
+    assert GRAPH_BUILDER_VERSION == "4"  # 4: multi-row float32 Linears fenced, weight on the left
+    assert WEIGHTS_BUILDER_VERSION == "3"  # 3: Linears read [out, in] weights in place
 
 
 def test_architecture_digest_is_pinned() -> None:
@@ -78,7 +80,7 @@ def test_architecture_digest_is_pinned() -> None:
 
 
 def test_direct_key_is_pinned() -> None:
-    assert _direct() == ("sha256:7b3770e39860bf7408f05c043a0eb2e7856727473b0fbc00d2487f6aee53629f")
+    assert _direct() == ("sha256:c64112409c7fdede6839b86eab08054022172c53e640d067ff780f9d2df3d3c1")
 
 
 def test_hlo_key_is_pinned() -> None:
@@ -142,7 +144,7 @@ def test_every_direct_key_input_counts() -> None:
         _direct(compiler="neuronx-cc"),
         _direct(compiler_version="jaxlib-0.7.1"),
         _direct(target="inf2"),
-        _direct(builder_version="4"),
+        _direct(builder_version="5"),
         _direct(flags=[]),
         _direct(flags=["-O3"]),
         _direct(flags=["-O2", "--foo"]),

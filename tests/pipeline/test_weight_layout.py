@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +47,13 @@ def _weight_moves(traced: TracedGraph, exe: XlaCpuExecutable) -> dict[str, list[
     return {weights[i]: hits for i, hits in moved.items() if hits}
 
 
-@pytest.mark.parametrize("kind", ["context_encoding", "token_generation"])
-def test_decoder_graphs_read_every_weight_in_place(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "kind,batch", [("context_encoding", 3), ("token_generation", 3), ("token_generation", 1)]
+)
+def test_decoder_graphs_read_every_weight_in_place(kind: str, batch: int, tmp_path: Path) -> None:
+    seq = 16
     model = build_model_from_config(tiny_llama_config(), seed=0)
-    module, inputs, outputs = build_causal_lm_graphs(model, 2, 16)[kind]
+    module, inputs, outputs = build_causal_lm_graphs(model, batch, seq)[kind]
     traced = trace_graph(module, inputs, outputs)
     exe = _compile(traced, tmp_path)
 
@@ -58,13 +62,23 @@ def test_decoder_graphs_read_every_weight_in_place(kind: str, tmp_path: Path) ->
     assert {p.layout for p in weights} == {NATURAL}
     gate = next(p for p in weights if p.name.endswith("0.mlp.gate_proj.weight"))
     assert gate.shape == (128, 64)  # [out=intermediate, in=hidden], as the checkpoint has it
-    # Each Linear is one dot contracting the weight's own input dimension (for one token,
-    # XLA CPU's row-major matrix-vector product); only attention's dots have batch dims.
-    dots = [line for line in exe.optimized_hlo().splitlines() if " dot(" in line]
-    weight_dots = re.findall(r"rhs_contracting_dims=\{(\d)\}", "\n".join(
-        line for line in dots if "batch_dims" not in line))
-    linears = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert weight_dots == ["1"] * len(linears)
+    # Each Linear is one dot contracting the weight's own input dimension. For one row the
+    # weight is the right operand (XLA CPU's row-major matrix-vector product: [1, out]); for
+    # several it is the left one ([out, rows]: YNNPACK reads it in place, see layout._fenced).
+    # Context encoding runs the lm_head on each sequence's last position only.
+    rows = batch * seq if kind == "context_encoding" else batch
+    expected = []
+    for name, linear in module.named_modules():
+        if isinstance(linear, torch.nn.Linear):
+            n = batch if name.endswith("lm_head") else rows
+            expected.append((linear.out_features, n) if n > 1 else (1, linear.out_features))
+    dots = [
+        line for line in exe.optimized_hlo().splitlines()
+        if " dot(" in line and "batch_dims" not in line
+    ]
+    assert all("rhs_contracting_dims={1}" in d for d in dots)
+    shapes = [tuple(map(int, re.search(r"f32\[(\d+),(\d+)\]", d).groups())) for d in dots]
+    assert Counter(shapes) == Counter(expected)
 
 
 def test_untransformed_trace_is_caught_by_the_hlo_check(tmp_path: Path) -> None:
