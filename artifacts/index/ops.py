@@ -91,8 +91,11 @@ def record_weights(conn: Connection, weights_key: str, digest: str, size: int) -
     )
 
 
-def record_recipes(conn: Connection, release: Release) -> None:
-    """What a release proves: each graph's direct key -> HLO, and its weights key."""
+def record_recipes(
+    conn: Connection, release: Release, weights_set: BlobRef | None = None
+) -> None:
+    """What a release proves: each graph's direct key -> HLO, and its weights key (for
+    several weight blobs, the stored weights-set record `weights_set`)."""
     for graph in release.graphs:
         if graph.direct_key:
             record_recipe(
@@ -102,7 +105,6 @@ def record_recipes(conn: Connection, release: Release) -> None:
     if key and len(release.source.weights) == 1:
         weights = release.source.weights[0]
         record_weights(conn, key, str(weights.digest), weights.size)
-    weights_set = _stored_weights_set(conn, release)
     if key and weights_set is not None:
         record_weights(conn, key, str(weights_set.digest), weights_set.size)
 
@@ -142,8 +144,8 @@ def index_release(conn: Connection, digest: Digest, size: int, release: Release)
     roles: dict[str, str] = {}
     for role, ref in release.blob_refs():
         roles.setdefault(str(ref.digest), role)
-    record_recipes(conn, release)
     weights_set = _stored_weights_set(conn, release)
+    record_recipes(conn, release, weights_set)
     if weights_set is not None:
         roles.setdefault(str(weights_set.digest), "weights-set")
     insert_ignore(
